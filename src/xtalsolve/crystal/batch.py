@@ -1,0 +1,106 @@
+"""A batch of crystals as padded torch tensors: the internal form of every forward model and sampler.
+
+Users never see this: public functions take and return pymatgen ``Structure``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pymatgen.core import Lattice, Structure
+
+from xtalsolve.errors import XtalsolveError
+
+
+@dataclass
+class CrystalBatch:
+    """B crystals padded to N sites each.
+
+    lattice: (B, 3, 3) rows are the cell vectors a, b, c in angstrom.
+    frac: (B, N, 3) fractional coordinates.
+    numbers: (B, N) atomic numbers, 0 on padding.
+    occupancy: (B, N) site occupancy, 0 on padding (a disordered site becomes one entry per species).
+    """
+
+    lattice: torch.Tensor
+    frac: torch.Tensor
+    numbers: torch.Tensor
+    occupancy: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.lattice.shape[0]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, N) True on real sites."""
+        return self.numbers > 0
+
+    @property
+    def n_sites(self) -> torch.Tensor:
+        return self.mask.sum(dim=1)
+
+    @property
+    def volume(self) -> torch.Tensor:
+        """(B,) cell volumes in angstrom^3."""
+        return torch.linalg.det(self.lattice).abs()
+
+    def to(self, device=None, dtype=None) -> CrystalBatch:
+        float_kw = {"device": device, "dtype": dtype}
+        return CrystalBatch(
+            self.lattice.to(**float_kw),
+            self.frac.to(**float_kw),
+            self.numbers.to(device=device),
+            self.occupancy.to(**float_kw),
+        )
+
+    def __getitem__(self, index) -> CrystalBatch:
+        return CrystalBatch(self.lattice[index], self.frac[index], self.numbers[index], self.occupancy[index])
+
+    @classmethod
+    def from_structures(cls, structures, dtype=torch.float64, device=None) -> CrystalBatch:
+        """Pad a list of pymatgen Structures (ordered or disordered) into one batch."""
+        structures = [structures] if isinstance(structures, Structure) else list(structures)
+        if not structures:
+            raise XtalsolveError("no structures given")
+        entries = []
+        for structure in structures:
+            sites = [
+                (site.frac_coords, species.Z, occupancy)
+                for site in structure
+                for species, occupancy in site.species.items()
+            ]
+            if not sites:
+                raise XtalsolveError(f"structure {structure.composition.reduced_formula} has no atoms")
+            entries.append(sites)
+        n_max = max(len(sites) for sites in entries)
+        frac = np.zeros((len(structures), n_max, 3))
+        numbers = np.zeros((len(structures), n_max), dtype=np.int64)
+        occupancy = np.zeros((len(structures), n_max))
+        for i, sites in enumerate(entries):
+            frac[i, : len(sites)] = [s[0] for s in sites]
+            numbers[i, : len(sites)] = [s[1] for s in sites]
+            occupancy[i, : len(sites)] = [s[2] for s in sites]
+        lattice = np.stack([s.lattice.matrix for s in structures])
+        return cls(
+            torch.as_tensor(lattice, dtype=dtype, device=device),
+            torch.as_tensor(frac, dtype=dtype, device=device),
+            torch.as_tensor(numbers, device=device),
+            torch.as_tensor(occupancy, dtype=dtype, device=device),
+        )
+
+    def to_structures(self) -> list[Structure]:
+        """Back to pymatgen (ordered sites; a partial occupancy becomes a disordered site)."""
+        out = []
+        lattice = self.lattice.detach().cpu().double().numpy()
+        frac = self.frac.detach().cpu().double().numpy()
+        numbers = self.numbers.cpu().numpy()
+        occupancy = self.occupancy.detach().cpu().double().numpy()
+        for i in range(len(self)):
+            keep = numbers[i] > 0
+            species = [
+                {int(z): float(o)} if o < 1.0 - 1e-9 else int(z) for z, o in zip(numbers[i][keep], occupancy[i][keep])
+            ]
+            out.append(Structure(Lattice(lattice[i]), species, frac[i][keep] % 1.0))
+        return out

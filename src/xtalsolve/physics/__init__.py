@@ -1,0 +1,1 @@
+"""Forward models: structure in, signal out (powder diffraction, Debye scattering, PDF)."""

@@ -1,0 +1,400 @@
+"""Bragg powder diffraction of periodic crystals: batched, differentiable, structure in -> pattern out.
+
+The model (kinematic, as in any Rietveld code):
+    y(x) = sum_hkl  m_hkl |F_hkl|^2 LP(theta_hkl) Phi(x - x_hkl)
+with every reflection inside the limiting sphere enumerated (so multiplicities come from enumeration, and
+Friedel mates are folded, m = 2), F_hkl = sum_j occ_j f_j(s) exp(-B_j s^2) exp(2 pi i h.x_j), s = sin(theta)/lambda,
+LP the Lorentz-polarisation factor and Phi a unit-area Thompson-Cox-Hastings pseudo-Voigt whose widths come from
+the instrument (Caglioti U, V, W; Lorentzian X, Y), the crystallite size (Scherrer) and microstrain.
+
+Written by hand in PyTorch (not taken from pymatgen) because the diffusion guidance and the Rietveld refinement
+need gradients with respect to lattice, fractional coordinates, displacement and profile parameters, for many
+structures at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from xtalsolve.crystal.batch import CrystalBatch
+from xtalsolve.errors import XtalsolveError
+from xtalsolve.physics.profiles import caglioti_fwhm, pseudo_voigt, scherrer_fwhm, strain_fwhm, tch_fwhm_eta
+from xtalsolve.physics.scattering import check_elements, neutron_scattering_length, xray_form_factor
+from xtalsolve.radiation import check_wavelength, two_theta_to_q
+
+Number = float | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Instrument:
+    """Diffractometer: wavelength (angstrom), radiation ("xray" or "neutron"), Caglioti U, V, W (deg^2,
+    Gaussian), Lorentzian X (deg, X tan theta) and Y (deg, Y / cos theta), zero shift (deg 2theta), and the
+    monochromator 2theta (deg) for the polarisation factor (None: unpolarised beam, no monochromator).
+    A second line (e.g. Cu Kalpha2 at 1.54439 A) is added with intensity ratio ``ratio2`` when ``wavelength2``
+    is set."""
+
+    wavelength: float = 1.54184
+    wavelength2: float | None = None
+    ratio2: float = 0.5
+    radiation: str = "xray"
+    u: float = 0.0
+    v: float = 0.0
+    w: float = 0.0025
+    x: float = 0.0
+    y: float = 0.0
+    zero_shift: float = 0.0
+    monochromator_2theta: float | None = None
+
+    def __post_init__(self):
+        check_wavelength(self.wavelength)
+        if self.wavelength2 is not None:
+            check_wavelength(self.wavelength2)
+        if self.radiation not in ("xray", "neutron"):
+            raise XtalsolveError(f"unknown radiation kind {self.radiation!r}; use xray or neutron")
+
+
+@dataclass
+class Reflections:
+    """Enumerated reflections of a batch: hkl (B, H, 3) integer indices (one Friedel half), mask (B, H)."""
+
+    hkl: torch.Tensor
+    mask: torch.Tensor
+
+
+def enumerate_reflections(lattice: torch.Tensor | np.ndarray, d_min: float) -> Reflections:
+    """All hkl with d >= d_min (angstrom), one of each Friedel pair, for each cell of ``lattice`` (B, 3, 3).
+
+    Integer bookkeeping, not differentiable: done once per lattice (a refinement enumerates from the start
+    cell with a margin on d_min).
+    """
+    lattices = np.asarray(torch.as_tensor(lattice).detach().cpu().double())
+    g_max = 1.0 / d_min
+    per_structure = []
+    for cell in lattices:
+        bound = np.floor(g_max * np.linalg.norm(cell, axis=1) + 1e-9).astype(int)  # |h| = |G.a| <= |G| |a|
+        h, k, l = np.meshgrid(*(np.arange(-b, b + 1) for b in bound), indexing="ij")
+        hkl = np.stack([h.ravel(), k.ravel(), l.ravel()], axis=1)
+        half = (hkl[:, 0] > 0) | ((hkl[:, 0] == 0) & (hkl[:, 1] > 0)) | ((hkl[:, 0] == 0) & (hkl[:, 1] == 0) & (hkl[:, 2] > 0))
+        hkl = hkl[half]
+        inv_metric = np.linalg.inv(cell @ cell.T)
+        g2 = np.einsum("hi,ij,hj->h", hkl, inv_metric, hkl)
+        hkl = hkl[g2 <= g_max * g_max * (1 + 1e-12)]
+        per_structure.append(hkl)
+    n_max = max(1, max(len(x) for x in per_structure))
+    hkl_pad = np.zeros((len(lattices), n_max, 3), dtype=np.int64)
+    mask = np.zeros((len(lattices), n_max), dtype=bool)
+    for i, hkl in enumerate(per_structure):
+        hkl_pad[i, : len(hkl)] = hkl
+        mask[i, : len(hkl)] = True
+    return Reflections(torch.from_numpy(hkl_pad), torch.from_numpy(mask))
+
+
+def _per_structure(value: Number | None, batch_size: int, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or (B,) parameter as a (B, 1) tensor."""
+    t = torch.as_tensor(0.0 if value is None else value, dtype=like.dtype, device=like.device)
+    return t.reshape(-1, 1).expand(batch_size, 1) if t.numel() in (1, batch_size) else t
+
+
+def species_per_structure(numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct atomic numbers of each structure, padded: species (B, E) and each site's index into it (B, N)."""
+    elements, element_index = torch.unique(numbers, return_inverse=True)  # batch-wide, sorted
+    present = torch.zeros(numbers.shape[0], len(elements), dtype=torch.long, device=numbers.device)
+    present.scatter_(1, element_index, 1)
+    rank = present.cumsum(1) - 1  # position of each present element among the structure's own
+    site_species = torch.gather(rank, 1, element_index)
+    species = torch.zeros(numbers.shape[0], int(present.sum(1).max()), dtype=numbers.dtype, device=numbers.device)
+    species.scatter_(1, site_species, numbers)
+    return species, site_species
+
+
+def lorentz_polarisation(theta: torch.Tensor, radiation: str, monochromator_2theta: float | None) -> torch.Tensor:
+    """Lorentz-polarisation factor for powder diffraction.
+
+    X-rays: (1 + c cos^2 2theta) / (sin^2 theta cos theta) * 2 / (1 + c), c = cos^2 2theta_m of the monochromator
+    (c = 1 without one, which is pymatgen's convention). Neutrons: 1 / (sin^2 theta cos theta).
+    """
+    lorentz = 1.0 / (torch.sin(theta) ** 2 * torch.cos(theta))
+    if radiation == "neutron":
+        return lorentz
+    c = 1.0 if monochromator_2theta is None else math.cos(math.radians(monochromator_2theta)) ** 2
+    return lorentz * (1.0 + c * torch.cos(2.0 * theta) ** 2) * 2.0 / (1.0 + c)
+
+
+def bragg_intensities(
+    batch: CrystalBatch,
+    reflections: Reflections,
+    wavelength: float,
+    biso: Number = 0.0,
+    radiation: str = "xray",
+    form_factors: str = "waasmaier-kirfel",
+    monochromator_2theta: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bragg angles and integrated intensities of the enumerated reflections.
+
+    biso: isotropic displacement B (angstrom^2), scalar, (B,) per structure or (B, N) per site.
+    Returns theta (B, H) in radians and intensity (B, H) = m |F|^2 LP (zero where masked or beyond 2theta = 180).
+    """
+    lattice, frac = batch.lattice, batch.frac
+    bsz, n_sites = batch.numbers.shape
+    hkl = reflections.hkl.to(device=lattice.device, dtype=lattice.dtype)
+    inv_metric = torch.linalg.inv(lattice @ lattice.transpose(1, 2))
+    g2 = torch.einsum("bhi,bij,bhj->bh", hkl, inv_metric, hkl)  # (1/d)^2
+    s2 = 0.25 * g2
+    sin_theta = 0.5 * wavelength * torch.sqrt(torch.clamp(g2, min=1e-30))
+    valid = reflections.mask.to(lattice.device) & (sin_theta < 1.0 - 1e-9)
+    theta = torch.asin(torch.where(valid, sin_theta, torch.full_like(sin_theta, 0.5)))
+
+    if radiation == "neutron":
+        lengths = torch.nan_to_num(neutron_scattering_length(batch.numbers, dtype=lattice.dtype))
+        f_atom = lengths.unsqueeze(1).expand(bsz, hkl.shape[1], n_sites)
+    else:  # form factors once per species of each structure, then gathered onto its sites
+        species, site_species = species_per_structure(batch.numbers)
+        f_species = xray_form_factor(species, s2, form_factors)  # (B, H, E)
+        f_atom = torch.gather(f_species, 2, site_species.unsqueeze(1).expand(bsz, hkl.shape[1], n_sites))
+    b = torch.as_tensor(biso, dtype=lattice.dtype, device=lattice.device)
+    b = b.reshape(bsz, 1, n_sites) if b.numel() == bsz * n_sites and b.dim() == 2 else b.reshape(-1, 1, 1)
+    weight = f_atom * batch.occupancy.unsqueeze(1) * torch.exp(-b * s2.unsqueeze(-1))
+    phase = (2.0 * math.pi) * torch.einsum("bhi,bni->bhn", hkl, frac)
+    f_real = (weight * torch.cos(phase)).sum(-1)
+    f_imag = (weight * torch.sin(phase)).sum(-1)
+    intensity = 2.0 * (f_real**2 + f_imag**2) * lorentz_polarisation(theta, radiation, monochromator_2theta)
+    return theta, torch.where(valid, intensity, torch.zeros_like(intensity))
+
+
+def peak_shape(
+    theta: torch.Tensor,
+    wavelength: float,
+    instrument: Instrument,
+    size: Number | None = None,
+    strain: Number = 0.0,
+    u: Number | None = None,
+    v: Number | None = None,
+    w: Number | None = None,
+    x: Number | None = None,
+    y: Number | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FWHM (degrees 2theta) and Lorentzian fraction of every reflection (TCH pseudo-Voigt).
+
+    Gaussian: Caglioti U, V, W (deg^2) and microstrain; Lorentzian: crystallite size (Scherrer, angstrom; None =
+    infinite) and X tan theta + Y / cos theta (deg). U..Y default to the instrument's; each may be a scalar
+    tensor (refined) or (B,).
+    """
+    bsz = theta.shape[0]
+    per = lambda value, default: _per_structure(default if value is None else value, bsz, theta)  # noqa: E731
+    caglioti = caglioti_fwhm(theta, per(u, instrument.u), per(v, instrument.v), per(w, instrument.w))
+    gauss = torch.sqrt(caglioti**2 + strain_fwhm(theta, per(strain, 0.0)) ** 2)
+    lorentz = per(x, instrument.x) * torch.tan(theta) + per(y, instrument.y) / torch.cos(theta)
+    if size is not None:
+        lorentz = lorentz + scherrer_fwhm(theta, wavelength, per(size, None))
+    return tch_fwhm_eta(gauss, lorentz)
+
+
+def merge_coincident_peaks(theta: torch.Tensor, intensity: torch.Tensor, tolerance_deg: float = 1e-5):
+    """Sum reflections that fall on the same 2theta (within ``tolerance_deg``) and drop extinct ones.
+
+    Not differentiable (it regroups); used where only the pattern is wanted, where it cuts rendering work by the
+    multiplicity of each peak. Returns theta (B, H') and intensity (B, H'), zero-padded.
+    """
+    two_theta = np.degrees(2.0 * theta.detach().cpu().numpy())
+    values = intensity.detach().cpu().numpy()
+    rows = []
+    for tt, ii in zip(two_theta, values):
+        keep = ii > 1e-10 * max(ii.max(), 1e-300)
+        keys, first, inverse = np.unique(np.round(tt[keep] / tolerance_deg), return_index=True, return_inverse=True)
+        rows.append((tt[keep][first], np.bincount(inverse, weights=ii[keep], minlength=len(keys))))
+    n_max = max(1, max(len(r[0]) for r in rows))
+    theta_out = np.full((len(rows), n_max), np.radians(45.0))
+    intensity_out = np.zeros((len(rows), n_max))
+    for i, (tt, ii) in enumerate(rows):
+        theta_out[i, : len(tt)] = np.radians(tt) / 2.0
+        intensity_out[i, : len(ii)] = ii
+    as_tensor = lambda a: torch.as_tensor(a, dtype=theta.dtype, device=theta.device)  # noqa: E731
+    return as_tensor(theta_out), as_tensor(intensity_out)
+
+
+def render_peaks(
+    grid: torch.Tensor, centres: torch.Tensor, areas: torch.Tensor, fwhm: torch.Tensor, eta: torch.Tensor, n_fwhm: float = 40.0
+) -> torch.Tensor:
+    """Sum of unit-area pseudo-Voigts times ``areas`` on an increasing ``grid`` (P,); peaks (B, H) -> (B, P).
+
+    Each peak is evaluated only within a window of +-(3 + n_fwhm eta) FWHM (the Gaussian beyond 3 FWHM is below
+    1e-10 of its height; the Lorentzian tails beyond n_fwhm hold < 1/(pi n_fwhm) of its area); a window as wide
+    as the grid falls back to dense evaluation.
+    """
+    n_points = grid.shape[0]
+    step = torch.min(torch.diff(grid)).item() if n_points > 1 else 1.0
+    reach = (fwhm * (3.0 + n_fwhm * eta)).detach().max() if fwhm.numel() else 0.0
+    half = int(math.ceil(float(reach) / step))
+    bsz, n_peaks = centres.shape
+    out = torch.zeros(bsz, n_points, dtype=areas.dtype, device=areas.device)
+    if n_peaks == 0:
+        return out
+    if 2 * half + 1 >= n_points:  # broad peaks: every point sees every peak
+        dx = grid.view(1, 1, -1) - centres.unsqueeze(-1)
+        return (pseudo_voigt(dx, fwhm.unsqueeze(-1), eta.unsqueeze(-1)) * areas.unsqueeze(-1)).sum(1)
+    offsets = torch.arange(-half, half + 1, device=grid.device)
+    index = torch.searchsorted(grid, centres.detach().contiguous()).unsqueeze(-1) + offsets  # (B, H, W)
+    inside = (index >= 0) & (index < n_points)
+    index = index.clamp(0, n_points - 1)
+    dx = grid[index] - centres.unsqueeze(-1)
+    values = pseudo_voigt(dx, fwhm.unsqueeze(-1), eta.unsqueeze(-1)) * areas.unsqueeze(-1) * inside
+    return out.scatter_add(1, index.reshape(bsz, -1), values.reshape(bsz, -1))
+
+
+def powder_pattern(
+    batch: CrystalBatch,
+    grid: torch.Tensor,
+    unit: str = "2theta",
+    instrument: Instrument = Instrument(),
+    size: Number | None = None,
+    strain: Number = 0.0,
+    biso: Number = 0.0,
+    zero_shift: Number | None = None,
+    form_factors: str = "waasmaier-kirfel",
+    reflections: Reflections | None = None,
+    n_fwhm: float = 40.0,
+    merge: bool = False,
+    profile: dict | None = None,
+) -> torch.Tensor:
+    """Differentiable powder pattern (B, P) of a batch on ``grid`` (2theta in degrees or Q in 1/angstrom).
+
+    Intensity is per unit x (peak areas are m |F|^2 LP); gradients flow to lattice, frac, biso, size, strain and
+    zero shift. ``reflections`` may be passed to reuse an enumeration (e.g. during a refinement). ``merge``
+    sums coincident reflections before rendering: faster, but cuts gradients to lattice and coordinates.
+    ``profile`` may override the instrument's u, v, w, x, y with (refinable) tensors.
+    """
+    wavelength = instrument.wavelength
+    grid = torch.as_tensor(grid, dtype=batch.lattice.dtype, device=batch.lattice.device)
+    if instrument.wavelength2 is not None:  # doublet: the same crystal seen with both lines
+        settings = dict(size=size, strain=strain, biso=biso, zero_shift=zero_shift, form_factors=form_factors,
+                        reflections=reflections, n_fwhm=n_fwhm, merge=merge, profile=profile)
+        line1 = replace(instrument, wavelength2=None)
+        line2 = replace(instrument, wavelength=instrument.wavelength2, wavelength2=None)
+        return powder_pattern(batch, grid, unit, line1, **settings) + instrument.ratio2 * powder_pattern(
+            batch, grid, unit, line2, **settings
+        )
+    if reflections is None:
+        reflections = enumerate_reflections(batch.lattice, _d_min_for(grid, unit, wavelength))
+    theta, intensity = bragg_intensities(
+        batch, reflections, wavelength, biso, instrument.radiation, form_factors, instrument.monochromator_2theta
+    )
+    if merge:
+        theta, intensity = merge_coincident_peaks(theta, intensity)
+    fwhm, eta = peak_shape(theta, wavelength, instrument, size, strain, **(profile or {}))
+    zero = instrument.zero_shift if zero_shift is None else zero_shift
+    two_theta = torch.rad2deg(2.0 * theta) + _per_structure(zero, len(batch), theta)
+    if unit == "2theta":
+        return render_peaks(grid, two_theta, intensity, fwhm, eta, n_fwhm)
+    if unit == "q":
+        half_angle = torch.deg2rad(two_theta) / 2.0
+        q_centres = 4.0 * math.pi * torch.sin(half_angle) / wavelength
+        q_fwhm = (2.0 * math.pi / wavelength) * torch.cos(half_angle) * torch.deg2rad(fwhm)
+        return render_peaks(grid, q_centres, intensity, q_fwhm, eta, n_fwhm)
+    raise XtalsolveError(f"powder patterns are computed on a 2theta or q grid, not {unit!r}")
+
+
+def _d_min_for(grid: torch.Tensor, unit: str, wavelength: float, margin_deg: float = 2.0) -> float:
+    """Smallest d (angstrom) whose peak can reach the grid (upper end plus a margin for the tails)."""
+    if unit == "q":
+        q_max = float(grid.max()) + 4.0 * math.pi * math.sin(math.radians(margin_deg) / 2.0) / wavelength
+        return max(2.0 * math.pi / q_max, wavelength / 2.0)
+    two_theta_max = min(float(grid.max()) + margin_deg, 180.0)
+    return wavelength / (2.0 * math.sin(math.radians(two_theta_max) / 2.0))
+
+
+def make_grid(two_theta: tuple[float, float, float] | None = None, q: tuple[float, float, float] | None = None):
+    """(grid, unit) from a (min, max, step) range in 2theta (degrees) or Q (1/angstrom), endpoints included."""
+    if (two_theta is None) == (q is None):
+        raise XtalsolveError("give exactly one of a 2theta range and a q range")
+    lo, hi, step = two_theta if q is None else q
+    unit = "2theta" if q is None else "q"
+    upper = 180.0 if unit == "2theta" else 100.0
+    if not (0.0 <= lo < hi <= upper and 0.0 < step <= hi - lo):
+        raise XtalsolveError(f"bad {unit} range ({lo}, {hi}, {step}): need 0 <= min < max <= {upper} and 0 < step")
+    n = int(round((hi - lo) / step)) + 1
+    if n > 1_000_000:
+        raise XtalsolveError(f"{unit} grid of {n} points is too fine (more than 1,000,000)")
+    return lo + step * np.arange(n), unit
+
+
+def simulate_powder(
+    structures,
+    wavelength: float = 1.54184,
+    two_theta: tuple[float, float, float] | None = (5.0, 90.0, 0.02),
+    q: tuple[float, float, float] | None = None,
+    size: float | None = None,
+    biso: float = 0.0,
+    strain: float = 0.0,
+    instrument: Instrument | None = None,
+    radiation: str = "xray",
+    form_factors: str = "waasmaier-kirfel",
+    chunk_size: int = 64,
+) -> np.ndarray:
+    """Powder patterns (n_structures, n_points) of pymatgen Structures, batched inside.
+
+    wavelength in angstrom; two_theta = (min, max, step) in degrees, or q = (min, max, step) in 1/angstrom
+    (q takes precedence); size = crystallite size in angstrom (None: no size broadening); biso in angstrom^2;
+    strain = microstrain Delta d / d. ``instrument`` overrides wavelength/radiation and sets the resolution.
+    """
+    from pymatgen.core import Structure
+
+    structures = [structures] if isinstance(structures, Structure) else list(structures)
+    if instrument is None:
+        instrument = Instrument(wavelength=wavelength, radiation=radiation)
+    grid_np, unit = make_grid(None if q is not None else two_theta, q)
+    grid = torch.as_tensor(grid_np)
+    out = np.empty((len(structures), len(grid_np)))
+    with torch.no_grad():
+        for start in range(0, len(structures), chunk_size):
+            chunk = structures[start : start + chunk_size]
+            batch = CrystalBatch.from_structures(chunk)
+            check_elements(batch.numbers.numpy(), instrument.radiation)
+            out[start : start + len(chunk)] = powder_pattern(
+                batch, grid, unit, instrument, size=size, strain=strain, biso=biso, form_factors=form_factors, merge=True
+            ).numpy()
+    return out
+
+
+def bragg_peaks(
+    structure,
+    wavelength: float = 1.54184,
+    two_theta_range: tuple[float, float] = (0.0, 90.0),
+    biso: float = 0.0,
+    radiation: str = "xray",
+    form_factors: str = "waasmaier-kirfel",
+    monochromator_2theta: float | None = None,
+    tolerance_deg: float = 1e-5,
+) -> list[dict]:
+    """Integrated reflections of one Structure: [{"two_theta": deg, "d": angstrom, "intensity": m|F|^2 LP,
+    "hkl": [(h, k, l), ...]}, ...], equivalent reflections (same 2theta within ``tolerance_deg``) merged and
+    extinct ones (below 1e-10 of the strongest) left out; hkl lists one of each Friedel pair."""
+    batch = CrystalBatch.from_structures([structure])
+    check_elements(batch.numbers.numpy(), radiation)
+    lo, hi = two_theta_range
+    reflections = enumerate_reflections(batch.lattice, wavelength / (2.0 * math.sin(math.radians(min(hi, 180.0)) / 2.0)))
+    with torch.no_grad():
+        theta, intensity = bragg_intensities(
+            batch, reflections, wavelength, biso, radiation, form_factors, monochromator_2theta
+        )
+    two_theta = np.degrees(2.0 * theta[0].numpy())
+    intensity = intensity[0].numpy()
+    hkl = reflections.hkl[0].numpy()
+    keep = reflections.mask[0].numpy() & (two_theta >= lo) & (two_theta <= hi) & (intensity > 1e-10 * intensity.max())
+    keys = np.round(two_theta[keep] / tolerance_deg).astype(np.int64)
+    peaks: dict[int, dict] = {}
+    for key, tt, value, index in zip(keys, two_theta[keep], intensity[keep], hkl[keep]):
+        peak = peaks.setdefault(
+            key, {"two_theta": float(tt), "d": wavelength / (2 * math.sin(math.radians(tt) / 2)), "intensity": 0.0, "hkl": []}
+        )
+        peak["intensity"] += float(value)
+        peak["hkl"].append(tuple(int(i) for i in index))
+    return [peaks[k] for k in sorted(peaks)]
+
+
+def q_grid_of(two_theta_grid: np.ndarray, wavelength: float) -> np.ndarray:
+    """Convenience: Q (1/angstrom) of a 2theta grid (degrees)."""
+    return two_theta_to_q(two_theta_grid, wavelength)

@@ -1,0 +1,43 @@
+"""Shared test fixtures: the read-only data folder beside the checkout, and a few structures."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from pymatgen.core import Lattice, Structure
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    warnings.filterwarnings("ignore", message=".*fractional coordinates rounded.*")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def read_structures(path: Path, n: int, seed: int = 0) -> list[Structure]:
+    """``n`` structures drawn at random (seeded) from a csv.gz structure set."""
+    frame = pd.read_csv(path, keep_default_na=False, usecols=["material_id", "cif"])
+    rows = frame.sample(n=n, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [Structure.from_str(cif, fmt="cif") for cif in rows.cif]
+
+
+@pytest.fixture(scope="session")
+def mp20_sample(shared_data) -> list[Structure]:
+    """100 random MP-20 test structures (seed 0)."""
+    return read_structures(shared_data / "structures" / "mp20_test.csv.gz", 100)
+
+
+@pytest.fixture
+def rocksalt() -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])

@@ -1,0 +1,166 @@
+"""Bragg powder model against pymatgen's XRDCalculator / NDCalculator and analytic cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.analysis.diffraction.neutron import ATOMIC_SCATTERING_LEN as NEUTRON_LENGTHS
+from pymatgen.analysis.diffraction.neutron import NDCalculator
+from pymatgen.analysis.diffraction.xrd import XRDCalculator
+from pymatgen.core import Lattice, Structure
+
+from xtalsolve import simulate_powder
+from xtalsolve.crystal import CrystalBatch
+from xtalsolve.errors import XtalsolveError
+from xtalsolve.physics.powder import Instrument, bragg_peaks, make_grid, powder_pattern
+from xtalsolve.physics.profiles import SCHERRER_K
+
+
+def clustered(two_theta, intensity, tol=5e-5):
+    """Sum peaks closer than ``tol`` degrees: both codes merge coincident reflections into bins of 1e-5 deg, so
+    near-coincident reflections (pseudo-symmetric cells) may fall into neighbouring bins in one and not the other."""
+    order = np.argsort(two_theta)
+    tt, ii = np.asarray(two_theta)[order], np.asarray(intensity)[order]
+    breaks = np.flatnonzero(np.diff(tt) > tol) + 1
+    groups = np.split(np.arange(len(tt)), breaks)
+    return np.array([tt[g[0]] for g in groups]), np.array([ii[g].sum() for g in groups])
+
+
+def compare_with_reference(structure, reference, **kwargs):
+    ours = bragg_peaks(structure, **kwargs)
+    t_ours, i_ours = clustered([p["two_theta"] for p in ours], [p["intensity"] for p in ours])
+    t_ref, i_ref = clustered(reference.x, reference.y)
+    i_ours, i_ref = i_ours / i_ours.max(), i_ref / i_ref.max()
+    ours, ref = i_ours > 1e-4, i_ref > 1e-4  # pymatgen drops peaks below 1e-5 of the strongest
+    return t_ours[ours], i_ours[ours], t_ref[ref], i_ref[ref]
+
+
+def test_matches_pymatgen_on_100_mp20_structures(mp20_sample):
+    """Same form-factor table as pymatgen: identical positions, relative intensities within 1 %."""
+    calculator = XRDCalculator()
+    worst = 0.0
+    for structure in mp20_sample:
+        reference = calculator.get_pattern(structure, scaled=False, two_theta_range=(0, 90))
+        t_ours, i_ours, t_ref, i_ref = compare_with_reference(structure, reference, form_factors="pymatgen")
+        assert len(t_ours) == len(t_ref), structure.composition
+        np.testing.assert_allclose(t_ours, t_ref, atol=5e-5)
+        strong = i_ref > 0.01
+        worst = max(worst, np.max(np.abs(i_ours[strong] / i_ref[strong] - 1)))
+        np.testing.assert_allclose(i_ours, i_ref, atol=1e-4)
+    assert worst < 0.01
+
+
+def test_default_table_close_to_pymatgen(mp20_sample):
+    """Waasmaier-Kirfel (default) vs pymatgen's Mott-Bethe fit: same peaks; the two form-factor fits differ by up
+    to ~1.5 % below s = 0.5 1/A (up to 3 % in intensity; more for weak peaks from partial cancellations in F)."""
+    calculator = XRDCalculator()
+    for structure in mp20_sample[:30]:
+        reference = calculator.get_pattern(structure, scaled=False, two_theta_range=(0, 90))
+        t_ours, i_ours, t_ref, i_ref = compare_with_reference(structure, reference)
+        for position, intensity in zip(t_ref[i_ref > 0.05], i_ref[i_ref > 0.05]):
+            nearest = np.argmin(np.abs(t_ours - position))
+            assert t_ours[nearest] == pytest.approx(position, abs=5e-5)
+            assert i_ours[nearest] == pytest.approx(intensity, abs=0.03)
+
+
+def test_neutron_matches_pymatgen(mp20_sample):
+    calculator = NDCalculator(wavelength=1.54184)
+    covered = [s for s in mp20_sample if all(el.symbol in NEUTRON_LENGTHS for el in s.composition)]
+    assert len(covered) > 80
+    for structure in covered[:20]:
+        reference = calculator.get_pattern(structure, scaled=False, two_theta_range=(0, 90))
+        t_ours, i_ours, t_ref, i_ref = compare_with_reference(structure, reference, radiation="neutron")
+        np.testing.assert_allclose(t_ours, t_ref, atol=5e-5)
+        np.testing.assert_allclose(i_ours, i_ref, atol=1e-4, rtol=1e-3)
+
+
+def test_fcc_extinctions_and_multiplicity():
+    """fcc: only unmixed hkl; simple cubic (100) carries multiplicity 6 from enumeration."""
+    fcc = Structure.from_spacegroup("Fm-3m", Lattice.cubic(4.0), ["Cu"], [[0, 0, 0]])
+    for peak in bragg_peaks(fcc, two_theta_range=(0, 150)):
+        h, k, l = np.abs(peak["hkl"][0]) % 2
+        assert h == k == l, peak
+    simple = Structure(Lattice.cubic(3.0), ["Po"], [[0, 0, 0]])
+    first = bragg_peaks(simple, wavelength=1.0, two_theta_range=(0, 40), form_factors="pymatgen")[0]
+    theta = math.radians(first["two_theta"] / 2)
+    s2 = (1 / (2 * 3.0)) ** 2
+    from pymatgen.analysis.diffraction.xrd import ATOMIC_SCATTERING_PARAMS
+
+    a, b = np.array(ATOMIC_SCATTERING_PARAMS["Po"]).T
+    f = 84 - 41.78214 * s2 * np.sum(a * np.exp(-b * s2))
+    lp = (1 + math.cos(2 * theta) ** 2) / (math.sin(theta) ** 2 * math.cos(theta))
+    assert len(first["hkl"]) == 3  # one Friedel half of the six {100}
+    assert first["intensity"] == pytest.approx(6 * f * f * lp, rel=1e-10)
+
+
+def test_peak_area_position_and_scherrer_width(rocksalt):
+    """A rendered peak has area m|F|^2 LP, sits at 2theta_hkl and has the Scherrer FWHM."""
+    wavelength, size = 1.54056, 200.0
+    grid, unit = make_grid((20.0, 40.0, 0.001))
+    instrument = Instrument(wavelength=wavelength, w=0.0)
+    batch = CrystalBatch.from_structures([rocksalt])
+    y = powder_pattern(batch, torch.as_tensor(grid), unit, instrument, size=size).numpy()[0]
+    peaks = [p for p in bragg_peaks(rocksalt, wavelength, (20, 40)) if p["intensity"] > 0]
+    strongest = max(peaks, key=lambda p: p["intensity"])
+    window = np.abs(grid - strongest["two_theta"]) < 1.5
+    area = np.trapezoid(y[window], grid[window])
+    expected = math.degrees(SCHERRER_K * wavelength / (size * math.cos(math.radians(strongest["two_theta"] / 2))))
+    inside = 2 / math.pi * math.atan(2 * 1.5 / expected)  # share of a Lorentzian's area within +-1.5 deg
+    assert area == pytest.approx(strongest["intensity"] * inside, rel=5e-3)
+    assert grid[window][np.argmax(y[window])] == pytest.approx(strongest["two_theta"], abs=1e-3)
+    half = y[window] >= y[window].max() / 2
+    fwhm = grid[window][half][-1] - grid[window][half][0]
+    assert fwhm == pytest.approx(expected, rel=0.01)
+
+
+def test_q_grid_peak_positions(rocksalt):
+    pattern = simulate_powder([rocksalt], wavelength=0.5, q=(1.0, 5.0, 0.0005))[0]
+    grid = make_grid(q=(1.0, 5.0, 0.0005))[0]
+    d200 = 5.64 / 2
+    near = np.abs(grid - 2 * math.pi / d200) < 0.05
+    assert grid[near][np.argmax(pattern[near])] == pytest.approx(2 * math.pi / d200, abs=1e-3)
+
+
+def test_batch_equals_single_and_zero_shift(mp20_sample):
+    structures = mp20_sample[:5]
+    together = simulate_powder(structures, size=80.0)
+    apart = np.vstack([simulate_powder([s], size=80.0) for s in structures])
+    np.testing.assert_allclose(together, apart, rtol=1e-9, atol=1e-9 * together.max())
+    shifted = simulate_powder(structures[:1], instrument=Instrument(zero_shift=0.2), two_theta=(5, 90, 0.02))
+    plain = simulate_powder(structures[:1], two_theta=(5, 90, 0.02))
+    np.testing.assert_allclose(shifted[0][10:], plain[0][:-10], rtol=1e-6, atol=1e-6 * plain.max())
+
+
+def test_gradients_match_finite_differences(rocksalt):
+    distorted = rocksalt.copy()
+    distorted.perturb(0.05, min_distance=0.01)  # lower the symmetry so that coordinates matter
+    batch = CrystalBatch.from_structures([distorted])
+    grid = torch.linspace(20.0, 60.0, 400, dtype=torch.float64)
+
+    def pattern(lattice, frac):
+        b = CrystalBatch(lattice, frac, batch.numbers, batch.occupancy)
+        return powder_pattern(b, grid, "2theta", Instrument(w=0.05), size=150.0, biso=0.5).sum()
+
+    lattice = batch.lattice.clone().requires_grad_(True)
+    frac = batch.frac.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(pattern, (lattice, frac), eps=1e-6, atol=1e-4, rtol=1e-3)
+
+
+def test_kalpha_doublet_adds_second_line(rocksalt):
+    single = simulate_powder([rocksalt], instrument=Instrument(wavelength=1.54056))
+    doublet = simulate_powder([rocksalt], instrument=Instrument(wavelength=1.54056, wavelength2=1.54439))
+    assert doublet.sum() == pytest.approx(1.5 * single.sum(), rel=0.02)
+
+
+def test_bad_requests_raise_clear_errors(rocksalt):
+    with pytest.raises(XtalsolveError, match="wavelength"):
+        simulate_powder([rocksalt], wavelength=-1.0)
+    with pytest.raises(XtalsolveError, match="range"):
+        simulate_powder([rocksalt], two_theta=(90, 10, 0.02))
+    with pytest.raises(XtalsolveError, match="no xray scattering data"):
+        simulate_powder([Structure(Lattice.cubic(3), ["Es"], [[0, 0, 0]])])
+    with pytest.raises(XtalsolveError, match="no neutron scattering data for Ac"):
+        simulate_powder([Structure(Lattice.cubic(3), ["Ac"], [[0, 0, 0]])], radiation="neutron")
