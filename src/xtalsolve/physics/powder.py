@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -71,26 +72,29 @@ def enumerate_reflections(lattice: torch.Tensor | np.ndarray, d_min: float) -> R
     Integer bookkeeping, not differentiable: done once per lattice (a refinement enumerates from the start
     cell with a margin on d_min).
     """
-    lattices = np.asarray(torch.as_tensor(lattice).detach().cpu().double())
-    g_max = 1.0 / d_min
-    per_structure = []
-    for cell in lattices:
-        bound = np.floor(g_max * np.linalg.norm(cell, axis=1) + 1e-9).astype(int)  # |h| = |G.a| <= |G| |a|
-        h, k, l = np.meshgrid(*(np.arange(-b, b + 1) for b in bound), indexing="ij")
-        hkl = np.stack([h.ravel(), k.ravel(), l.ravel()], axis=1)
-        half = (hkl[:, 0] > 0) | ((hkl[:, 0] == 0) & (hkl[:, 1] > 0)) | ((hkl[:, 0] == 0) & (hkl[:, 1] == 0) & (hkl[:, 2] > 0))
-        hkl = hkl[half]
-        inv_metric = np.linalg.inv(cell @ cell.T)
-        g2 = np.einsum("hi,ij,hj->h", hkl, inv_metric, hkl)
-        hkl = hkl[g2 <= g_max * g_max * (1 + 1e-12)]
-        per_structure.append(hkl)
+    cells = np.asarray(torch.as_tensor(lattice).detach().cpu().double())
+    g_max2 = (1.0 / d_min) ** 2 * (1 + 1e-12)
+    per_structure = [_hkl_in_sphere(cell, d_min, g_max2) for cell in cells]
     n_max = max(1, max(len(x) for x in per_structure))
-    hkl_pad = np.zeros((len(lattices), n_max, 3), dtype=np.int64)
-    mask = np.zeros((len(lattices), n_max), dtype=bool)
-    for i, hkl in enumerate(per_structure):
-        hkl_pad[i, : len(hkl)] = hkl
-        mask[i, : len(hkl)] = True
-    return Reflections(torch.from_numpy(hkl_pad), torch.from_numpy(mask))
+    hkl = np.zeros((len(cells), n_max, 3), dtype=np.int64)
+    mask = np.zeros((len(cells), n_max), dtype=bool)
+    for i, rows in enumerate(per_structure):
+        hkl[i, : len(rows)] = rows
+        mask[i, : len(rows)] = True
+    return Reflections(torch.from_numpy(hkl), torch.from_numpy(mask))
+
+
+def _hkl_in_sphere(cell: np.ndarray, d_min: float, g_max2: float) -> np.ndarray:
+    """hkl (M, 3) with 0 < 1/d^2 <= g_max2 and h > 0, or h = 0 and k > 0, or h = k = 0 and l > 0."""
+    b = np.floor(np.linalg.norm(cell, axis=1) / d_min + 1e-9).astype(int)  # |h| = |G.a| <= |G| |a|
+    m = np.linalg.inv(cell @ cell.T)  # reciprocal metric: 1/d^2 = h.m.h
+    h = np.arange(0, b[0] + 1)[:, None, None]
+    k = np.arange(-b[1], b[1] + 1)[None, :, None]
+    l = np.arange(-b[2], b[2] + 1)[None, None, :]
+    g2 = m[0, 0] * h * h + m[1, 1] * k * k + m[2, 2] * l * l + 2 * (m[0, 1] * h * k + m[0, 2] * h * l + m[1, 2] * k * l)
+    half = (h > 0) | ((h == 0) & (k > 0)) | ((h == 0) & (k == 0) & (l > 0))
+    ih, ik, il = np.nonzero(half & (g2 <= g_max2))
+    return np.stack([ih, ik - b[1], il - b[2]], axis=1)
 
 
 def _per_structure(value: Number | None, batch_size: int, like: torch.Tensor) -> torch.Tensor:
@@ -159,10 +163,25 @@ def bragg_intensities(
     b = b.reshape(bsz, 1, n_sites) if b.numel() == bsz * n_sites and b.dim() == 2 else b.reshape(-1, 1, 1)
     weight = f_atom * batch.occupancy.unsqueeze(1) * torch.exp(-b * s2.unsqueeze(-1))
     phase = (2.0 * math.pi) * torch.einsum("bhi,bni->bhn", hkl, frac)
-    f_real = (weight * torch.cos(phase)).sum(-1)
-    f_imag = (weight * torch.sin(phase)).sum(-1)
-    intensity = 2.0 * (f_real**2 + f_imag**2) * lorentz_polarisation(theta, radiation, monochromator_2theta)
+    f_squared = (weight * torch.cos(phase)).sum(-1) ** 2 + (weight * torch.sin(phase)).sum(-1) ** 2
+    intensity = 2.0 * f_squared * lorentz_polarisation(theta, radiation, monochromator_2theta)
     return theta, torch.where(valid, intensity, torch.zeros_like(intensity))
+
+
+def march_dollase(
+    lattice: torch.Tensor, hkl: torch.Tensor, axis_hkl, ratio: Number
+) -> torch.Tensor:
+    """March-Dollase preferred-orientation factor (B, H) of each reflection (W. A. Dollase, J. Appl. Cryst. 19,
+    267 (1986)): (r^2 cos^2 a + sin^2 a / r)^(-3/2), a = angle between the reflection's normal and the
+    preferred reciprocal-lattice direction ``axis_hkl``; r = 1 is a random powder, r < 1 platelets along it.
+    Every equivalent reflection is enumerated, so no average over the form is needed."""
+    inv_t = torch.linalg.inv(lattice).transpose(1, 2)  # rows: reciprocal vectors a*, b*, c*
+    normals = torch.einsum("bhi,bij->bhj", hkl.to(lattice.dtype), inv_t)
+    axis = torch.einsum("i,bij->bj", torch.as_tensor(axis_hkl, dtype=lattice.dtype, device=lattice.device), inv_t)
+    cos2 = (torch.einsum("bhj,bj->bh", normals, axis) ** 2 / (
+        (normals**2).sum(-1).clamp(min=1e-30) * (axis**2).sum(-1, keepdim=True)))
+    r = _per_structure(ratio, lattice.shape[0], cos2)
+    return (r * r * cos2 + (1.0 - cos2) / r) ** -1.5
 
 
 def peak_shape(
@@ -193,8 +212,9 @@ def peak_shape(
     return tch_fwhm_eta(gauss, lorentz)
 
 
-def merge_coincident_peaks(theta: torch.Tensor, intensity: torch.Tensor, tolerance_deg: float = 1e-5):
-    """Sum reflections that fall on the same 2theta (within ``tolerance_deg``) and drop extinct ones.
+def merge_coincident_peaks(theta: torch.Tensor, intensity: torch.Tensor, tolerance_deg: float = 2e-4):
+    """Sum reflections that fall on the same 2theta (bins of ``tolerance_deg``, wider than float32 rounding of
+    equivalent reflections, far narrower than any peak) and drop extinct ones.
 
     Not differentiable (it regroups); used where only the pattern is wanted, where it cuts rendering work by the
     multiplicity of each peak. Returns theta (B, H') and intensity (B, H'), zero-padded.
@@ -245,6 +265,41 @@ def render_peaks(
     return out.scatter_add(1, index.reshape(bsz, -1), values.reshape(bsz, -1))
 
 
+def render_binned(
+    grid: torch.Tensor, centres: torch.Tensor, areas: torch.Tensor, fwhm: torch.Tensor, eta: torch.Tensor,
+    oversample: int = 4,
+) -> torch.Tensor:
+    """Fast approximate rendering for training data: sticks binned on a grid ``oversample`` times finer than the
+    uniform ``grid`` (linear split between neighbouring bins keeps area and centroid), convolved by FFT with one
+    pseudo-Voigt per pattern whose FWHM and eta are the intensity-weighted means of its peaks, then averaged over
+    each grid point's bin (so that peaks narrower than the grid keep their area).
+
+    Exact when all peaks of a pattern share one width, as Scherrer size broadening does on a Q grid; the Q
+    dependence of strain and instrument widths is averaged. Not for refinement (use :func:`render_peaks`).
+    """
+    bsz = centres.shape[0]
+    n_points = grid.shape[0]
+    step = float(grid[1] - grid[0]) / oversample
+    weight = areas / areas.sum(1, keepdim=True).clamp(min=1e-30)
+    width = (weight * fwhm).sum(1, keepdim=True)
+    mix = (weight * eta).sum(1, keepdim=True)
+    pad = max(oversample, int(min(math.ceil(float(width.max()) * 40.0 / step), n_points * oversample)))
+    n_fine = n_points * oversample + 2 * pad
+    position = (centres - float(grid[0])) / step + pad
+    lower = torch.floor(position)
+    upper_share = position - lower
+    hist = torch.zeros(bsz, n_fine, dtype=areas.dtype, device=areas.device)
+    for index, share in ((lower, 1.0 - upper_share), (lower + 1, upper_share)):
+        inside = (index >= 0) & (index < n_fine)
+        hist.scatter_add_(1, index.clamp(0, n_fine - 1).long(), areas * share * inside)
+    offsets = torch.arange(n_fine, dtype=areas.dtype, device=areas.device)
+    offsets = torch.where(offsets < n_fine / 2, offsets, offsets - n_fine) * step  # circular, centred on 0
+    kernel = pseudo_voigt(offsets.unsqueeze(0), width, mix)
+    fine = torch.fft.irfft(torch.fft.rfft(hist, n=n_fine) * torch.fft.rfft(kernel, n=n_fine), n=n_fine)
+    start = pad - oversample // 2  # average each grid point's bin: peaks narrower than the grid keep their area
+    return fine[:, start : start + n_points * oversample].reshape(bsz, n_points, oversample).mean(-1)
+
+
 def powder_pattern(
     batch: CrystalBatch,
     grid: torch.Tensor,
@@ -259,6 +314,8 @@ def powder_pattern(
     n_fwhm: float = 40.0,
     merge: bool = False,
     profile: dict | None = None,
+    preferred_orientation: tuple | None = None,
+    binned: bool = False,
 ) -> torch.Tensor:
     """Differentiable powder pattern (B, P) of a batch on ``grid`` (2theta in degrees or Q in 1/angstrom).
 
@@ -266,12 +323,15 @@ def powder_pattern(
     zero shift. ``reflections`` may be passed to reuse an enumeration (e.g. during a refinement). ``merge``
     sums coincident reflections before rendering: faster, but cuts gradients to lattice and coordinates.
     ``profile`` may override the instrument's u, v, w, x, y with (refinable) tensors.
+    ``preferred_orientation`` = (axis_hkl, ratio): March-Dollase texture along that reciprocal direction.
+    ``binned`` renders with :func:`render_binned` (uniform grids; training data only).
     """
     wavelength = instrument.wavelength
     grid = torch.as_tensor(grid, dtype=batch.lattice.dtype, device=batch.lattice.device)
     if instrument.wavelength2 is not None:  # doublet: the same crystal seen with both lines
         settings = dict(size=size, strain=strain, biso=biso, zero_shift=zero_shift, form_factors=form_factors,
-                        reflections=reflections, n_fwhm=n_fwhm, merge=merge, profile=profile)
+                        reflections=reflections, n_fwhm=n_fwhm, merge=merge, profile=profile,
+                        preferred_orientation=preferred_orientation, binned=binned)
         line1 = replace(instrument, wavelength2=None)
         line2 = replace(instrument, wavelength=instrument.wavelength2, wavelength2=None)
         return powder_pattern(batch, grid, unit, line1, **settings) + instrument.ratio2 * powder_pattern(
@@ -282,18 +342,22 @@ def powder_pattern(
     theta, intensity = bragg_intensities(
         batch, reflections, wavelength, biso, instrument.radiation, form_factors, instrument.monochromator_2theta
     )
+    if preferred_orientation is not None:
+        axis_hkl, ratio = preferred_orientation
+        intensity = intensity * march_dollase(batch.lattice, reflections.hkl.to(batch.lattice.device), axis_hkl, ratio)
     if merge:
         theta, intensity = merge_coincident_peaks(theta, intensity)
     fwhm, eta = peak_shape(theta, wavelength, instrument, size, strain, **(profile or {}))
     zero = instrument.zero_shift if zero_shift is None else zero_shift
     two_theta = torch.rad2deg(2.0 * theta) + _per_structure(zero, len(batch), theta)
+    render = render_binned if binned else partial(render_peaks, n_fwhm=n_fwhm)
     if unit == "2theta":
-        return render_peaks(grid, two_theta, intensity, fwhm, eta, n_fwhm)
+        return render(grid, two_theta, intensity, fwhm, eta)
     if unit == "q":
         half_angle = torch.deg2rad(two_theta) / 2.0
         q_centres = 4.0 * math.pi * torch.sin(half_angle) / wavelength
         q_fwhm = (2.0 * math.pi / wavelength) * torch.cos(half_angle) * torch.deg2rad(fwhm)
-        return render_peaks(grid, q_centres, intensity, q_fwhm, eta, n_fwhm)
+        return render(grid, q_centres, intensity, q_fwhm, eta)
     raise XtalsolveError(f"powder patterns are computed on a 2theta or q grid, not {unit!r}")
 
 
@@ -332,31 +396,84 @@ def simulate_powder(
     instrument: Instrument | None = None,
     radiation: str = "xray",
     form_factors: str = "waasmaier-kirfel",
-    chunk_size: int = 64,
+    chunk_size: int = 32,
+    dtype: torch.dtype = torch.float32,
 ) -> np.ndarray:
     """Powder patterns (n_structures, n_points) of pymatgen Structures, batched inside.
 
     wavelength in angstrom; two_theta = (min, max, step) in degrees, or q = (min, max, step) in 1/angstrom
     (q takes precedence); size = crystallite size in angstrom (None: no size broadening); biso in angstrom^2;
     strain = microstrain Delta d / d. ``instrument`` overrides wavelength/radiation and sets the resolution.
+    Computed in ``dtype`` (float32: 2theta to ~1e-4 deg, intensities to ~1e-5 relative); structures of similar
+    cell volume are batched together.
     """
     from pymatgen.core import Structure
 
     structures = [structures] if isinstance(structures, Structure) else list(structures)
+    if size is not None and not (np.isfinite(size) and size > 0):
+        raise XtalsolveError(f"crystallite size must be a positive number of angstrom, not {size!r}", "--size")
+    if not (np.isfinite(biso) and biso >= 0):
+        raise XtalsolveError(f"B_iso must be >= 0 angstrom^2, not {biso!r}", "--biso")
     if instrument is None:
         instrument = Instrument(wavelength=wavelength, radiation=radiation)
     grid_np, unit = make_grid(None if q is not None else two_theta, q)
-    grid = torch.as_tensor(grid_np)
+    grid = torch.as_tensor(grid_np, dtype=dtype)
     out = np.empty((len(structures), len(grid_np)))
+    order = np.argsort([s.volume for s in structures], kind="stable")
+    settings = dict(size=size, strain=strain, biso=biso, form_factors=form_factors, merge=True)
+    render = _size_broadened_via_q if _is_broad(grid_np, unit, instrument.wavelength, size) else powder_pattern
     with torch.no_grad():
         for start in range(0, len(structures), chunk_size):
-            chunk = structures[start : start + chunk_size]
-            batch = CrystalBatch.from_structures(chunk)
+            chunk = order[start : start + chunk_size]
+            batch = CrystalBatch.from_structures([structures[i] for i in chunk], dtype=dtype)
             check_elements(batch.numbers.numpy(), instrument.radiation)
-            out[start : start + len(chunk)] = powder_pattern(
-                batch, grid, unit, instrument, size=size, strain=strain, biso=biso, form_factors=form_factors, merge=True
-            ).numpy()
+            out[chunk] = render(batch, grid, unit, instrument, **settings).numpy()
     return out
+
+
+def _is_broad(grid: np.ndarray, unit: str, wavelength: float, size: float | None, max_points: int = 400) -> bool:
+    """Whether size-broadened Lorentzian windows (+-40 FWHM) would span more than ``max_points`` grid points."""
+    if size is None or len(grid) < 2:
+        return False
+    q_fwhm = 2.0 * math.pi * 0.9 / size  # Scherrer width in Q, the same for every reflection
+    if unit == "q":
+        return 40.0 * q_fwhm / float(np.min(np.diff(grid))) > max_points
+    two_theta_fwhm = np.degrees(0.9 * wavelength / (size * math.cos(math.radians(float(grid[-1]) / 2.0))))
+    return 40.0 * two_theta_fwhm / float(np.min(np.diff(grid))) > max_points
+
+
+def _size_broadened_via_q(batch, grid, unit, instrument, **settings) -> torch.Tensor:
+    """Broad (size-dominated) patterns rendered where Scherrer widths are constant: on a uniform Q grid by
+    binning + FFT (:func:`render_binned`), then mapped to ``grid`` conserving area (y_2theta = y_Q dQ/d2theta).
+    Exact for the size term; the slow angle dependence of the narrower instrument and strain widths is averaged."""
+    wavelength = instrument.wavelength if instrument.wavelength2 is None else max(instrument.wavelength, instrument.wavelength2)
+    q_target = grid if unit == "q" else 4.0 * math.pi * torch.sin(torch.deg2rad(grid) / 2.0) / wavelength
+    if instrument.wavelength2 is not None:  # the same Q grid must cover both lines' 2theta range
+        q_target = torch.cat([q_target, 4.0 * math.pi * torch.sin(torch.deg2rad(grid) / 2.0) / instrument.wavelength])
+    q_lo, q_hi = float(q_target.min()), float(q_target.max())
+    q_fwhm = 2.0 * math.pi * 0.9 / float(settings["size"])  # Scherrer width: sample it with >= 16 points
+    n_q = int(min(max(16 * (q_hi - q_lo) / q_fwhm, 512), 4 * len(grid)))
+    q_uniform = torch.linspace(q_lo, q_hi, n_q, dtype=grid.dtype)
+    if unit == "q":
+        y_q = powder_pattern(batch, q_uniform, "q", instrument, binned=True, **settings)
+        return _interpolate(grid, q_uniform, y_q)
+    # in 2theta each line maps through its own wavelength: render line by line
+    lines = [(instrument.wavelength, 1.0)] + ([(instrument.wavelength2, instrument.ratio2)] if instrument.wavelength2 else [])
+    out = torch.zeros(len(batch), len(grid), dtype=grid.dtype)
+    for lam, share in lines:
+        single = replace(instrument, wavelength=lam, wavelength2=None)
+        y_q = powder_pattern(batch, q_uniform, "q", single, binned=True, **settings)
+        q_of_grid = 4.0 * math.pi * torch.sin(torch.deg2rad(grid) / 2.0) / lam
+        jacobian = (2.0 * math.pi / lam) * torch.cos(torch.deg2rad(grid) / 2.0) * (math.pi / 180.0)
+        out = out + share * _interpolate(q_of_grid, q_uniform, y_q) * jacobian
+    return out
+
+
+def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Row-wise linear interpolation of fp (B, M) given at increasing xp (M,) onto x (P,)."""
+    index = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
+    weight = ((x - xp[index - 1]) / (xp[index] - xp[index - 1])).clamp(0.0, 1.0)
+    return fp[:, index - 1] * (1.0 - weight) + fp[:, index] * weight
 
 
 def bragg_peaks(
@@ -393,6 +510,15 @@ def bragg_peaks(
         peak["intensity"] += float(value)
         peak["hkl"].append(tuple(int(i) for i in index))
     return [peaks[k] for k in sorted(peaks)]
+
+
+def cluster_peaks(two_theta, intensity, tolerance_deg: float = 5e-5) -> tuple[np.ndarray, np.ndarray]:
+    """Peak list with peaks closer than ``tolerance_deg`` summed (position of the first): makes stick lists of
+    different codes comparable where near-coincident reflections were binned differently."""
+    order = np.argsort(two_theta)
+    tt, ii = np.asarray(two_theta, dtype=float)[order], np.asarray(intensity, dtype=float)[order]
+    groups = np.split(np.arange(len(tt)), np.flatnonzero(np.diff(tt) > tolerance_deg) + 1)
+    return np.array([tt[g[0]] for g in groups]), np.array([ii[g].sum() for g in groups])
 
 
 def q_grid_of(two_theta_grid: np.ndarray, wavelength: float) -> np.ndarray:

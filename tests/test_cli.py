@@ -1,0 +1,62 @@
+"""Front-door commands: demo and simulate, end to end, and their one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pymatgen.analysis.diffraction.xrd import XRDCalculator
+
+from xtalsolve.io import read_pattern
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "xtalsolve.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_demo_writes_patterns_and_plot(tmp_path):
+    result = run("demo", "-o", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr
+    files = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    assert "anatase_sizes.png" in files and len([f for f in files if f.endswith(".xy")]) == 4
+    small = read_pattern(tmp_path / "demo" / "anatase_D10A.xy")
+    large = read_pattern(tmp_path / "demo" / "anatase_D1000A.xy")
+    assert small.wavelength == pytest.approx(1.54184)
+    # smaller crystallites: broader peaks, so a lower peak-to-mean ratio
+    assert small.y.max() / small.y.mean() < large.y.max() / large.y.mean() / 5
+
+
+def test_simulate_writes_xy_with_peaks_where_pymatgen_puts_them(tmp_path, rocksalt):
+    cif = tmp_path / "NaCl.cif"
+    rocksalt.to(filename=str(cif))
+    result = run("simulate", str(cif), "--radiation", "CuKa1", "--two-theta", "20", "80", "0.01", "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    pattern = read_pattern(tmp_path / "out" / "NaCl.xy")
+    assert pattern.wavelength == pytest.approx(1.54056) and len(pattern) == 6001
+    reference = XRDCalculator(wavelength="CuKa1").get_pattern(rocksalt, two_theta_range=(20, 80))
+    strongest = reference.x[np.argmax(reference.y)]
+    assert pattern.x[np.argmax(pattern.y)] == pytest.approx(strongest, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["simulate", "missing.cif", "-o", "x"], "missing.cif: no such file"),
+        (["simulate", "{cif}", "--two-theta", "5", "90", "0.02", "--q", "1", "5", "0.01", "-o", "x"], "not both"),
+        (["simulate", "{cif}", "--wavelength", "-1", "-o", "x"], "--wavelength"),
+        (["simulate", "{cif}", "--size", "0", "-o", "x"], "--size"),
+        (["simulate", "{bad}", "-o", "x"], "cannot read a crystal structure"),
+    ],
+)
+def test_simulate_bad_input_gives_one_line(tmp_path, rocksalt, args, message):
+    cif = tmp_path / "NaCl.cif"
+    rocksalt.to(filename=str(cif))
+    bad = tmp_path / "bad.cif"
+    bad.write_text("data_x\n_cell_length_a 3\nloop_\n_atom_site_label\n")
+    args = [a.format(cif=cif, bad=bad) for a in args]
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
