@@ -8,6 +8,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 
 from xtalsolve.errors import XtalsolveError
@@ -37,12 +38,19 @@ RadiationOpt = Annotated[
 XUnitOpt = Annotated[Optional[XUnit], typer.Option("--x-unit", help="x column unit for files that do not say.")]
 
 
-def load_pattern_option(path: Path, wavelength, radiation, x_unit):
-    """Read a pattern file with the three shared options applied."""
+def load_pattern_option(path: Path, wavelength, radiation, x_unit, require_wavelength: bool = False):
+    """Read a pattern file with the three shared options applied.
+
+    require_wavelength: for commands that work in Q; 2theta data with no wavelength are then an error.
+    """
     from xtalsolve.io import read_pattern
 
     return read_pattern(
-        path, wavelength=wavelength, radiation=radiation, x_unit=None if x_unit is None else x_unit.value
+        path,
+        wavelength=wavelength,
+        radiation=radiation,
+        x_unit=None if x_unit is None else x_unit.value,
+        require_wavelength=require_wavelength,
     )
 
 
@@ -55,7 +63,12 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ):
     """Print what was read from a pattern file; exit 0 when it is good, 2 when it is not."""
-    summary = load_pattern_option(pattern, wavelength, radiation, x_unit).summary()
+    data = load_pattern_option(pattern, wavelength, radiation, x_unit)
+    summary = data.summary()
+    summary["format"] = data.meta.get("format")
+    summary["wavelength_source"] = data.meta.get("wavelength_source")
+    if "wavelengths_A" in data.meta:
+        summary["wavelengths_A"] = data.meta["wavelengths_A"]  # Kalpha1, Kalpha2
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -64,7 +77,9 @@ def info(
 
     table = Table(show_header=False, title=str(pattern))
     for key, value in summary.items():
-        table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+        if key == "wavelength_A" and value is None:
+            value = "unknown" if data.unit == "2theta" else "not needed"
+        table.add_row(key, f"{value:.7g}" if isinstance(value, float) else str(value))
     Console().print(table)
 
 
@@ -80,16 +95,255 @@ def spectra_generate(
     sources: Annotated[str, typer.Option("--sources", help="Comma list of zeolites, mp, amcsd.")] = "zeolites,mp,amcsd",
     limit: Annotated[Optional[int], typer.Option("--limit", help="At most this many clusters.")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Parallel FEFF runs.")] = 1,
-    perturbed: Annotated[int, typer.Option("--perturbed", help="Perturbed copies per site.")] = 3,
+    perturbed: Annotated[int, typer.Option("--perturbed", help="Perturbed copies per site.")] = 4,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    max_z: Annotated[Optional[int], typer.Option("--max-z", help="Skip crystals with heavier elements.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (for logs).")] = False,
 ):
     """Compute FEFF10 XANES of absorber-centred clusters (cached by input hash, resumable)."""
     from xtalsolve.local.dataset import check_absorber, generate
 
     result = generate(out, check_absorber(absorber), check_absorber(ligand), tuple(sources.split(",")), limit,
-                      workers, perturbed, seed, progress=not no_progress)
+                      workers, perturbed, seed, max_z=max_z, progress=not no_progress)
     typer.echo(json.dumps(result))
+
+
+@app.command("local")
+def local(
+    spectrum: Annotated[Path, typer.Argument(help="Near-edge spectrum: two-column energy (eV) / mu text, or XDI.")],
+    absorber: Annotated[str, typer.Option("--absorber", help="Absorbing element, e.g. Si or Fe.")] = "Si",
+    edge: Annotated[str, typer.Option("--edge", help="Absorption edge (K, L3, ...).")] = "K",
+    samples: Annotated[int, typer.Option("--samples", help="Clusters to sample.")] = 8,
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("local_out"),
+    ligand: Annotated[str, typer.Option("--ligand", help="First-shell element.")] = "O",
+    library: Annotated[Optional[Path], typer.Option("--library", help="Template library (.npz or cache dir).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Diffusion checkpoint (.pt).")] = None,
+    method: Annotated[str, typer.Option("--method", help="auto, diffusion or template.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+):
+    """3D local coordination around the absorber from a near-edge spectrum (summary.json, .xyz, plot)."""
+    from xtalsolve.io.spectra import read_spectrum
+    from xtalsolve.local.dataset import check_absorber
+    from xtalsolve.local.predict import predict_local, write_outputs
+
+    if samples < 1:
+        raise XtalsolveError("must be at least 1", "--samples")
+    absorber = check_absorber(absorber)
+    spec = read_spectrum(spectrum, absorber, edge)
+    pred = predict_local(spec, absorber, edge, samples, check_absorber(ligand), library, checkpoint, method, seed)
+    write_outputs(pred, spec, out)
+    s = pred.summary
+    typer.echo(f"{out}: CN {s['coordination_number']} ({s['spread']['coordination_number_agreement']:.0%} of "
+               f"{s['samples']} samples), mean {absorber}-{ligand} {s['mean_bond_length_A']} A [{s['method']}]")
+
+
+@spectra_app.command("library")
+def spectra_library(
+    cache: Annotated[Path, typer.Option("--cache", help="Cache directory written by `spectra generate`.")],
+    out: Annotated[Path, typer.Option("--out", help="Library file (.npz).")],
+    absorber: Annotated[str, typer.Option("--absorber")] = "Si",
+    edge: Annotated[str, typer.Option("--edge")] = "K",
+):
+    """Collect cached spectra into an edge-aligned feature library (templates and training data)."""
+    from xtalsolve.local.dataset import check_absorber
+    from xtalsolve.local.library import build_library
+
+    lib = build_library(cache, check_absorber(absorber), edge=edge)
+    lib.save(out)
+    splits = {k: sum(m.get("split") == k for m in lib.meta) for k in ("train", "val", "test")}
+    typer.echo(json.dumps({"spectra": len(lib), **splits, "out": str(out)}))
+
+
+@spectra_app.command("train")
+def spectra_train(
+    library: Annotated[Path, typer.Option("--library", help="Library .npz from `spectra library`.")],
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint (.pt); resumed when it exists.")],
+    epochs: Annotated[int, typer.Option("--epochs")] = 300,
+    batch: Annotated[int, typer.Option("--batch")] = 64,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    hidden: Annotated[int, typer.Option("--hidden")] = 96,
+    layers: Annotated[int, typer.Option("--layers")] = 4,
+    steps: Annotated[int, typer.Option("--steps", help="Diffusion steps.")] = 500,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+):
+    """Train the spectrum-conditioned equivariant diffusion model on the library's training split."""
+    from xtalsolve.local.library import SpectrumLibrary
+    from xtalsolve.local.model import EDMConfig, train
+
+    lib = SpectrumLibrary.load(library)
+    train_lib = lib.split("train")
+    if len(train_lib) == 0:
+        raise XtalsolveError("no training-split spectra", library)
+    absorber = train_lib.meta[0].get("absorber", "Si")
+    cfg = EDMConfig(hidden=hidden, layers=layers, steps=steps, absorber=absorber)
+    train(train_lib, cfg, epochs=epochs, batch=batch, lr=lr, seed=seed, checkpoint=out, log=typer.echo)
+    typer.echo(f"saved {out}")
+
+
+@spectra_app.command("evaluate")
+def spectra_evaluate(
+    library: Annotated[Path, typer.Option("--library", help="Library .npz from `spectra library`.")],
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Diffusion checkpoint.")] = None,
+    split: Annotated[str, typer.Option("--split", help="Held-out split to score (val or test).")] = "test",
+    test_library: Annotated[Optional[Path], typer.Option("--test-library", help="Score this library instead "
+                                                          "(e.g. the amorphous set).")] = None,
+    samples: Annotated[int, typer.Option("--samples")] = 8,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the table and JSON here (.md).")] = None,
+):
+    """Score template matching (and the diffusion model) on held-out spectra; print a Markdown table."""
+    from xtalsolve.local.evaluate import evaluate_model, evaluate_template, markdown_table
+    from xtalsolve.local.library import SpectrumLibrary
+
+    lib = SpectrumLibrary.load(library)
+    train_lib = lib.split("train")
+    test = SpectrumLibrary.load(test_library) if test_library else lib.split(split)
+    if len(train_lib) == 0 or len(test) == 0:
+        raise XtalsolveError(f"need train and {split} spectra (have {len(train_lib)} and {len(test)})", library)
+    absorber = train_lib.meta[0].get("absorber", "Si")
+    rows = {"template matching (k=5)": evaluate_template(train_lib, test, absorber)}
+    if checkpoint:
+        from xtalsolve.local.model import load_model
+
+        model, cfg = load_model(checkpoint)
+        rows[f"diffusion ({samples} samples)"] = evaluate_model(model, cfg, test, absorber, samples=samples)
+    table = markdown_table(rows)
+    typer.echo(table)
+    if out:
+        out.write_text(table + "\n\n```json\n" + json.dumps(rows, indent=2) + "\n```\n")
+
+
+def _wavelength_from_options(wavelength: float | None, radiation: str | None, default: float = 1.54184) -> float:
+    """Wavelength (angstrom) from --wavelength or --radiation (not both); ``default`` when neither is given."""
+    from xtalsolve.radiation import check_wavelength, wavelength_of
+
+    if wavelength is not None and radiation is not None:
+        raise XtalsolveError("give --wavelength or --radiation, not both", "--wavelength")
+    if radiation is not None:
+        return wavelength_of(radiation)
+    return default if wavelength is None else check_wavelength(wavelength)
+
+
+@app.command()
+def simulate(
+    structures: Annotated[list[Path], typer.Argument(help="Structure files (CIF, POSCAR, ...).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory for <name>.xy files.")],
+    wavelength: WavelengthOpt = None,
+    radiation: RadiationOpt = None,
+    two_theta: Annotated[
+        Optional[tuple[float, float, float]], typer.Option("--two-theta", help="MIN MAX STEP in degrees.")
+    ] = None,
+    q: Annotated[Optional[tuple[float, float, float]], typer.Option("--q", help="MIN MAX STEP in 1/angstrom.")] = None,
+    size: Annotated[Optional[float], typer.Option("--size", help="Crystallite size in angstrom (Scherrer).")] = None,
+    biso: Annotated[float, typer.Option("--biso", help="Isotropic B in angstrom^2.")] = 0.0,
+    neutron: Annotated[bool, typer.Option("--neutron", help="Neutron instead of X-ray scattering.")] = False,
+):
+    """Simulate powder patterns of crystal structures (Bragg model, pseudo-Voigt peaks)."""
+    from xtalsolve.io import write_xy
+    from xtalsolve.io.structures import read_structure
+    from xtalsolve.pattern import Pattern
+    from xtalsolve.physics.powder import make_grid, simulate_powder
+
+    if two_theta is not None and q is not None:
+        raise XtalsolveError("give --two-theta or --q, not both", "--q")
+    lam = _wavelength_from_options(wavelength, radiation)
+    two_theta = two_theta if (two_theta is not None or q is not None) else (5.0, 90.0, 0.02)
+    grid, unit = make_grid(None if q is not None else two_theta, q)
+    crystals = [read_structure(path) for path in structures]
+    patterns = simulate_powder(
+        crystals, lam, two_theta, q, size=size, biso=biso, radiation="neutron" if neutron else "xray"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    for path, crystal, y in zip(structures, crystals, patterns):
+        header = {
+            "structure": str(path),
+            "formula": crystal.composition.reduced_formula,
+            "radiation": "neutron" if neutron else "xray",
+            "crystallite_size_A": "infinite" if size is None else size,
+            "biso_A2": biso,
+            "profile": "Thompson-Cox-Hastings pseudo-Voigt, Caglioti W = 0.0025 deg^2",
+            "generator": "xtalsolve simulate",
+        }
+        pattern = Pattern(grid, y, np.sqrt(np.maximum(y, 0.0)), unit, lam, str(path))
+        target = write_xy(pattern, out / f"{path.stem}.xy", header, sigma=False)
+        typer.echo(f"wrote {target}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory.")] = Path("xtalsolve-demo"),
+):
+    """Simulate the bundled anatase TiO2 as nanocrystals of several sizes and plot the patterns."""
+    from importlib import resources
+
+    from xtalsolve.io import write_xy
+    from xtalsolve.io.structures import read_structure
+    from xtalsolve.pattern import Pattern
+    from xtalsolve.physics.powder import make_grid, simulate_powder
+    from xtalsolve.plots import plot_patterns
+
+    example = resources.files("xtalsolve.resources").joinpath("examples/anatase_TiO2.cif")
+    with resources.as_file(example) as path:
+        crystal = read_structure(path)
+    sizes = [10.0, 30.0, 100.0, 1000.0]
+    two_theta = (10.0, 80.0, 0.02)
+    grid, unit = make_grid(two_theta)
+    patterns = [simulate_powder([crystal], 1.54184, two_theta, size=size, biso=0.5)[0] for size in sizes]
+    out.mkdir(parents=True, exist_ok=True)
+    for size, y in zip(sizes, patterns):
+        pattern = Pattern(grid, y, np.sqrt(np.maximum(y, 0.0)), unit, 1.54184, "anatase_TiO2.cif")
+        header = {"structure": "anatase TiO2 (bundled)", "crystallite_size_A": size, "biso_A2": 0.5}
+        write_xy(pattern, out / f"anatase_D{size:g}A.xy", header, sigma=False)
+    figure = plot_patterns(grid, patterns, [f"D = {s:g} A" for s in sizes], out / "anatase_sizes.png",
+                           title="Anatase TiO2 nanocrystals, Cu Ka")
+    typer.echo(f"wrote {len(sizes)} patterns and {figure}")
+
+
+@app.command()
+def refine(
+    pattern: Annotated[Path, typer.Argument(help="Powder pattern file (2theta).")],
+    structure: Annotated[Path, typer.Argument(help="Starting structure (CIF).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: refined.cif, summary.json, fit.png.")],
+    wavelength: WavelengthOpt = None,
+    radiation: RadiationOpt = None,
+    x_unit: XUnitOpt = None,
+    lebail: Annotated[bool, typer.Option("--lebail", help="Le Bail fit (cell and space group only).")] = False,
+    background: Annotated[int, typer.Option("--background", help="Chebyshev background terms.")] = 8,
+    symprec: Annotated[float, typer.Option("--symprec", help="Symmetry tolerance (angstrom).")] = 0.05,
+    displacement: Annotated[bool, typer.Option("--displacement/--no-displacement",
+                                               help="Refine sample displacement.")] = True,
+):
+    """Rietveld (or Le Bail) refinement of a structure against a measured pattern, in stages."""
+    import warnings
+
+    import torch
+    from pymatgen.core import Structure
+    from rich.console import Console
+
+    from xtalsolve import refine as engine
+    from xtalsolve.refine.report import write_outputs
+
+    torch.set_num_threads(1)  # small tensors: one thread is fastest and leaves the other cores free
+    data = load_pattern_option(pattern, wavelength, radiation, x_unit)
+    if not structure.exists():
+        raise XtalsolveError("no such file", structure)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            start = Structure.from_file(structure)
+    except Exception as err:  # pymatgen raises many kinds for a bad CIF
+        raise XtalsolveError(f"cannot read the structure: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+                             structure) from err
+    console = Console(stderr=True)
+    progress = lambda s: console.print(f"{s['stage']:<28} Rwp {100 * s['rwp']:6.2f} %  ({s['n_free']} free, {s['seconds']:.0f} s)")  # noqa: E731
+    instrument = engine.instrument_of(data, radiation)
+    options = dict(n_background=background, symprec=symprec, progress=progress)
+    if lebail:
+        result = engine.lebail(data, start, instrument, **options)
+    else:
+        result = engine.refine(data, start, instrument, displacement=displacement, **options)
+    paths = write_outputs(result, out)
+    typer.echo(json.dumps({"rwp": result.rwp, "rp": result.rp, "gof": result.gof, "r_bragg": result.r_bragg,
+                           "outputs": {k: str(v) for k, v in paths.items()}}))
 
 
 def main() -> None:
