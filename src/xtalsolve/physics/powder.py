@@ -219,21 +219,25 @@ def merge_coincident_peaks(theta: torch.Tensor, intensity: torch.Tensor, toleran
     Not differentiable (it regroups); used where only the pattern is wanted, where it cuts rendering work by the
     multiplicity of each peak. Returns theta (B, H') and intensity (B, H'), zero-padded.
     """
-    two_theta = np.degrees(2.0 * theta.detach().cpu().numpy())
-    values = intensity.detach().cpu().numpy()
-    rows = []
-    for tt, ii in zip(two_theta, values):
-        keep = ii > 1e-10 * max(ii.max(), 1e-300)
-        keys, first, inverse = np.unique(np.round(tt[keep] / tolerance_deg), return_index=True, return_inverse=True)
-        rows.append((tt[keep][first], np.bincount(inverse, weights=ii[keep], minlength=len(keys))))
-    n_max = max(1, max(len(r[0]) for r in rows))
-    theta_out = np.full((len(rows), n_max), np.radians(45.0))
-    intensity_out = np.zeros((len(rows), n_max))
-    for i, (tt, ii) in enumerate(rows):
-        theta_out[i, : len(tt)] = np.radians(tt) / 2.0
-        intensity_out[i, : len(ii)] = ii
-    as_tensor = lambda a: torch.as_tensor(a, dtype=theta.dtype, device=theta.device)  # noqa: E731
-    return as_tensor(theta_out), as_tensor(intensity_out)
+    theta, intensity = theta.detach(), intensity.detach()
+    live = intensity > 1e-10 * intensity.amax(1, keepdim=True).clamp(min=1e-300)
+    far = torch.iinfo(torch.int64).max
+    key = torch.where(live, torch.round(torch.rad2deg(2.0 * theta) / tolerance_deg).long(), torch.full_like(live, far, dtype=torch.int64))
+    key, order = torch.sort(key, dim=1, stable=True)
+    starts = torch.ones_like(key, dtype=torch.bool)
+    starts[:, 1:] = key[:, 1:] != key[:, :-1]
+    group = torch.cumsum(starts.long(), 1) - 1  # (B, H) index of each reflection's peak
+    n_peaks = int(torch.where(key != far, group + 1, torch.zeros_like(group)).amax()) if key.numel() else 0
+    n_peaks = max(n_peaks, 1)
+    group = group.clamp(max=n_peaks - 1)
+    kept = key != far
+    merged = torch.zeros(theta.shape[0], n_peaks, dtype=intensity.dtype, device=intensity.device)
+    merged.scatter_add_(1, group, torch.where(kept, torch.gather(intensity, 1, order), torch.zeros_like(intensity)))
+    # each peak's position is its first reflection's; every other reflection writes to a spare last column
+    centre = torch.full((theta.shape[0], n_peaks + 1), math.radians(45.0), dtype=theta.dtype, device=theta.device)
+    centre.scatter_(1, torch.where(starts & kept, group, torch.full_like(group, n_peaks)), torch.gather(theta, 1, order))
+    centre = centre[:, :n_peaks]
+    return centre, merged
 
 
 def render_peaks(
@@ -283,7 +287,7 @@ def render_binned(
     weight = areas / areas.sum(1, keepdim=True).clamp(min=1e-30)
     width = (weight * fwhm).sum(1, keepdim=True)
     mix = (weight * eta).sum(1, keepdim=True)
-    pad = max(oversample, int(min(math.ceil(float(width.max()) * 40.0 / step), n_points * oversample)))
+    pad = n_points * oversample  # zero padding as long as the grid: no wrap-around of tails inside it
     n_fine = n_points * oversample + 2 * pad
     position = (centres - float(grid[0])) / step + pad
     lower = torch.floor(position)
