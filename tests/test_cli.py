@@ -60,3 +60,19 @@ def test_simulate_bad_input_gives_one_line(tmp_path, rocksalt, args, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_simulate_pdf_and_debye_write_what_the_library_computes(tmp_path, rocksalt):
+    from xtalsolve.physics.debye import simulate_nanoparticle
+    from xtalsolve.physics.pdf import simulate_pdf
+
+    cif = tmp_path / "NaCl.cif"
+    rocksalt.to(filename=str(cif))
+    assert run("simulate", str(cif), "--r", "1", "10", "0.05", "-o", str(tmp_path / "pdf")).returncode == 0
+    g = read_pattern(tmp_path / "pdf" / "NaCl.xy")
+    assert g.unit == "r" and len(g) == 181
+    np.testing.assert_allclose(g.y, simulate_pdf([rocksalt], 1, 10, 0.05, biso=0.5)[0], rtol=1e-6, atol=1e-6)
+    args = ("simulate", str(cif), "--debye", "--size", "12", "--two-theta", "20", "60", "0.1", "-o", str(tmp_path / "np"))
+    assert run(*args).returncode == 0
+    particle = read_pattern(tmp_path / "np" / "NaCl.xy")
+    np.testing.assert_allclose(particle.y, simulate_nanoparticle([rocksalt], 12.0, two_theta=(20, 60, 0.1))[0], rtol=1e-6)

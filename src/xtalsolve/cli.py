@@ -83,7 +83,8 @@ def info(
     Console().print(table)
 
 
-spectra_app = typer.Typer(help="Near-edge spectra: training data generation.", no_args_is_help=True)
+spectra_app = typer.Typer(help="Near-edge spectra: FEFF training data, libraries, model training and evaluation.",
+                          no_args_is_help=True)
 app.add_typer(spectra_app, name="spectra")
 
 
@@ -165,10 +166,15 @@ def spectra_train(
     layers: Annotated[int, typer.Option("--layers")] = 4,
     steps: Annotated[int, typer.Option("--steps", help="Diffusion steps.")] = 500,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (small graphs: 1 is fastest).")] = 1,
 ):
     """Train the spectrum-conditioned equivariant diffusion model on the library's training split."""
+    import torch
+
     from xtalsolve.local.library import SpectrumLibrary
     from xtalsolve.local.model import EDMConfig, train
+
+    torch.set_num_threads(max(1, threads))
 
     lib = SpectrumLibrary.load(library)
     train_lib = lib.split("train")
@@ -188,6 +194,8 @@ def spectra_evaluate(
     test_library: Annotated[Optional[Path], typer.Option("--test-library", help="Score this library instead "
                                                           "(e.g. the amorphous set).")] = None,
     samples: Annotated[int, typer.Option("--samples")] = 8,
+    exafs: Annotated[int, typer.Option("--exafs", help="Also run the EXAFS-style fit on this many held-out "
+                                       "entries (one FEFF run each).")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the table and JSON here (.md).")] = None,
 ):
     """Score template matching (and the diffusion model) on held-out spectra; print a Markdown table."""
@@ -206,6 +214,13 @@ def spectra_evaluate(
 
         model, cfg = load_model(checkpoint)
         rows[f"diffusion ({samples} samples)"] = evaluate_model(model, cfg, test, absorber, samples=samples)
+    if exafs > 0:
+        from xtalsolve.local.evaluate import evaluate_exafs
+
+        ref = next(i for i, m in enumerate(train_lib.meta) if not m.get("perturbation"))
+        rows[f"EXAFS-style fit ({min(exafs, len(test))})"] = evaluate_exafs(
+            test, absorber, train_lib.cluster(ref, absorber), limit=exafs
+        )
     table = markdown_table(rows)
     typer.echo(table)
     if out:
@@ -233,38 +248,60 @@ def simulate(
         Optional[tuple[float, float, float]], typer.Option("--two-theta", help="MIN MAX STEP in degrees.")
     ] = None,
     q: Annotated[Optional[tuple[float, float, float]], typer.Option("--q", help="MIN MAX STEP in 1/angstrom.")] = None,
-    size: Annotated[Optional[float], typer.Option("--size", help="Crystallite size in angstrom (Scherrer).")] = None,
-    biso: Annotated[float, typer.Option("--biso", help="Isotropic B in angstrom^2.")] = 0.0,
+    r: Annotated[
+        Optional[tuple[float, float, float]], typer.Option("--r", help="MIN MAX STEP in angstrom: write the PDF G(r).")
+    ] = None,
+    size: Annotated[
+        Optional[float], typer.Option("--size", help="Crystallite size (Scherrer) or particle diameter, angstrom.")
+    ] = None,
+    debye: Annotated[
+        bool, typer.Option("--debye", help="Finite spherical particle of diameter --size by the Debye equation.")
+    ] = False,
+    biso: Annotated[
+        Optional[float], typer.Option("--biso", help="Isotropic B in angstrom^2 (default 0; 0.5 for a PDF).")
+    ] = None,
     neutron: Annotated[bool, typer.Option("--neutron", help="Neutron instead of X-ray scattering.")] = False,
 ):
-    """Simulate powder patterns of crystal structures (Bragg model, pseudo-Voigt peaks)."""
+    """Simulate powder patterns (Bragg or Debye) or PDFs of crystal structures; one <name>.xy per structure."""
     from xtalsolve.io import write_xy
     from xtalsolve.io.structures import read_structure
     from xtalsolve.pattern import Pattern
-    from xtalsolve.physics.powder import make_grid, simulate_powder
 
-    if two_theta is not None and q is not None:
-        raise XtalsolveError("give --two-theta or --q, not both", "--q")
+    if sum(x is not None for x in (two_theta, q, r)) > 1:
+        raise XtalsolveError("give one of --two-theta, --q and --r, not both", "--q")
+    if debye and size is None:
+        raise XtalsolveError("--debye needs the particle diameter --size", "--debye")
     lam = _wavelength_from_options(wavelength, radiation)
-    two_theta = two_theta if (two_theta is not None or q is not None) else (5.0, 90.0, 0.02)
-    grid, unit = make_grid(None if q is not None else two_theta, q)
+    kind = "neutron" if neutron else "xray"
     crystals = [read_structure(path) for path in structures]
-    patterns = simulate_powder(
-        crystals, lam, two_theta, q, size=size, biso=biso, radiation="neutron" if neutron else "xray"
-    )
+    biso = (0.5 if r is not None else 0.0) if biso is None else biso  # PDF peaks need a width
+    header = {"radiation": kind, "biso_A2": biso, "generator": "xtalsolve simulate"}
+    if r is not None:
+        from xtalsolve.physics.pdf import simulate_pdf
+
+        signals = simulate_pdf(crystals, *r, biso=biso, particle_diameter_A=size, radiation=kind)
+        grid, unit, lam = r[0] + r[2] * np.arange(signals.shape[1]), "r", None
+        header |= {"model": "PDF G(r) (1/angstrom^2)", "particle_diameter_A": "infinite" if size is None else size}
+    else:
+        from xtalsolve.physics.powder import make_grid, simulate_powder
+
+        two_theta = two_theta if (two_theta is not None or q is not None) else (5.0, 90.0, 0.02)
+        grid, unit = make_grid(None if q is not None else two_theta, q)
+        if debye:
+            from xtalsolve.physics.debye import simulate_nanoparticle
+
+            signals = simulate_nanoparticle(crystals, size, lam, two_theta, q, biso=biso, radiation=kind)
+            header |= {"model": "Debye scattering equation", "particle_diameter_A": size}
+        else:
+            signals = simulate_powder(crystals, lam, two_theta, q, size=size, biso=biso, radiation=kind)
+            header |= {"model": "Bragg, Thompson-Cox-Hastings pseudo-Voigt, Caglioti W = 0.0025 deg^2",
+                       "crystallite_size_A": "infinite" if size is None else size}
     out.mkdir(parents=True, exist_ok=True)
-    for path, crystal, y in zip(structures, crystals, patterns):
-        header = {
-            "structure": str(path),
-            "formula": crystal.composition.reduced_formula,
-            "radiation": "neutron" if neutron else "xray",
-            "crystallite_size_A": "infinite" if size is None else size,
-            "biso_A2": biso,
-            "profile": "Thompson-Cox-Hastings pseudo-Voigt, Caglioti W = 0.0025 deg^2",
-            "generator": "xtalsolve simulate",
-        }
-        pattern = Pattern(grid, y, np.sqrt(np.maximum(y, 0.0)), unit, lam, str(path))
-        target = write_xy(pattern, out / f"{path.stem}.xy", header, sigma=False)
+    for path, crystal, y in zip(structures, crystals, signals):
+        sigma = np.ones_like(y) if unit == "r" else np.sqrt(np.maximum(y, 0.0))
+        pattern = Pattern(grid, y, sigma, unit, lam, str(path))
+        extra = {"structure": str(path), "formula": crystal.composition.reduced_formula}
+        target = write_xy(pattern, out / f"{path.stem}.xy", extra | header, sigma=False)
         typer.echo(f"wrote {target}")
 
 
