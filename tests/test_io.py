@@ -33,8 +33,9 @@ def _manifest() -> list[dict]:
     return list(csv.DictReader(MANIFEST.open())) if MANIFEST.is_file() else []
 
 
-def _no_data():
-    return [pytest.param(None, marks=pytest.mark.skip(reason=f"shared data not found at {EXPERIMENTAL}"))]
+def _no_data(n_args: int = 1):
+    values = None if n_args == 1 else (None,) * n_args
+    return [pytest.param(values, marks=pytest.mark.skip(reason=f"shared data not found at {EXPERIMENTAL}"))]
 
 
 def _stated_wavelengths(row: dict) -> list[float] | None:
@@ -90,7 +91,7 @@ def _raw_cases() -> list:
             name = other.lower()
             if name.endswith((".rtv.combined.cif", ".xra", ".gr")) or name.endswith("_published_calc.xy"):
                 cases.append(pytest.param(row, other, id=f"{row['case_id']}:{Path(other).name}"))
-    return cases or _no_data()
+    return cases or _no_data(2)
 
 
 @pytest.mark.parametrize("row, other", _raw_cases())
