@@ -121,6 +121,8 @@ def local(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Diffusion checkpoint (.pt).")] = None,
     method: Annotated[str, typer.Option("--method", help="auto, diffusion or template.")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    broaden: Annotated[float, typer.Option("--broaden", help="Gaussian FWHM (eV) applied to the computed "
+                                           "templates, for measured spectra.")] = 0.0,
 ):
     """3D local coordination around the absorber from a near-edge spectrum (summary.json, .xyz, plot)."""
     from xtalsolve.io.spectra import read_spectrum
@@ -129,9 +131,16 @@ def local(
 
     if samples < 1:
         raise XtalsolveError("must be at least 1", "--samples")
+    if method != "template":
+        import torch
+
+        torch.set_num_threads(1)  # the diffusion graphs are tiny: one thread is much faster on a shared machine
     absorber = check_absorber(absorber)
     spec = read_spectrum(spectrum, absorber, edge)
-    pred = predict_local(spec, absorber, edge, samples, check_absorber(ligand), library, checkpoint, method, seed)
+    if broaden < 0:
+        raise XtalsolveError("must be >= 0 eV", "--broaden")
+    pred = predict_local(spec, absorber, edge, samples, check_absorber(ligand), library, checkpoint, method, seed,
+                         broaden)
     write_outputs(pred, spec, out)
     s = pred.summary
     typer.echo(f"{out}: CN {s['coordination_number']} ({s['spread']['coordination_number_agreement']:.0%} of "
@@ -190,7 +199,9 @@ def spectra_train(
 def spectra_evaluate(
     library: Annotated[Path, typer.Option("--library", help="Library .npz from `spectra library`.")],
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Diffusion checkpoint.")] = None,
-    split: Annotated[str, typer.Option("--split", help="Held-out split to score (val or test).")] = "test",
+    split: Annotated[str, typer.Option("--split", help="Held-out split to score: val, test, or lomo "
+                                       "(leave-one-material-out over the whole library; template matching only).")
+                     ] = "test",
     test_library: Annotated[Optional[Path], typer.Option("--test-library", help="Score this library instead "
                                                           "(e.g. the amorphous set).")] = None,
     samples: Annotated[int, typer.Option("--samples")] = 8,
@@ -202,7 +213,21 @@ def spectra_evaluate(
     from xtalsolve.local.evaluate import evaluate_model, evaluate_template, markdown_table
     from xtalsolve.local.library import SpectrumLibrary
 
+    if checkpoint:
+        import torch
+
+        torch.set_num_threads(1)  # tiny graphs: one thread is much faster on a shared machine
     lib = SpectrumLibrary.load(library)
+    if split == "lomo":
+        from xtalsolve.local.evaluate import evaluate_template_lomo
+
+        absorber = lib.meta[0].get("absorber", "Si")
+        table = markdown_table({"template matching, leave-one-material-out (k=5)": evaluate_template_lomo(lib,
+                                                                                                          absorber)})
+        typer.echo(table)
+        if out:
+            out.write_text(table + "\n")
+        return
     train_lib = lib.split("train")
     test = SpectrumLibrary.load(test_library) if test_library else lib.split(split)
     if len(train_lib) == 0 or len(test) == 0:
@@ -381,6 +406,60 @@ def refine(
     paths = write_outputs(result, out)
     typer.echo(json.dumps({"rwp": result.rwp, "rp": result.rp, "gof": result.gof, "r_bragg": result.r_bragg,
                            "outputs": {k: str(v) for k, v in paths.items()}}))
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", help="Training config (.json or .yaml), e.g. configs/small_cpu.json.")],
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Override the config's run folder.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Override the number of steps.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Train on the first N pool structures (smoke runs).")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+):
+    """Train (or resume) the pattern-conditioned crystal diffusion model; checkpoints and log.jsonl in the run folder."""
+    from xtalsolve.diffusion.train import load_config
+    from xtalsolve.diffusion.train import train as run_training
+
+    cfg = load_config(config, run_dir=None if run_dir is None else str(run_dir), steps=steps, limit=limit)
+    summary = run_training(cfg, progress=progress, log=lambda line: typer.echo(line, err=True))
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
+def solve(
+    pattern: Annotated[Path, typer.Argument(help="Measured powder pattern.")],
+    formula: Annotated[str, typer.Option("--formula", help="Chemical formula, e.g. TiO2 (Z is found from the data).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (resumes a killed run).")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Trained diffusion model (xtalsolve train).")],
+    wavelength: WavelengthOpt = None,
+    radiation: RadiationOpt = None,
+    x_unit: XUnitOpt = None,
+    samples: Annotated[int, typer.Option("--samples", help="Candidates to draw and refine.")] = 8,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    size_hint: Annotated[Optional[float], typer.Option("--size-hint", help="Crystallite size, angstrom.")] = None,
+    natoms: Annotated[Optional[int], typer.Option("--natoms", help="Atoms in the cell (skips the Z search).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Reverse diffusion steps.")] = 200,
+    no_guidance: Annotated[bool, typer.Option("--no-guidance", help="Conditioning only, no data guidance.")] = False,
+):
+    """Solve a structure: draw candidates from the guided diffusion model, refine each, rank by Rwp."""
+    from rich.console import Console
+
+    from xtalsolve.solve import SolveSettings, diffusion_generator
+    from xtalsolve.solve import solve as run_solve
+
+    if samples < 1:
+        raise XtalsolveError("must be at least 1", "--samples")
+    if not checkpoint.is_file():
+        raise XtalsolveError("no such checkpoint (train one with `xtalsolve train --config configs/small_cpu.json`)",
+                             checkpoint)
+    data = load_pattern_option(pattern, wavelength, radiation, x_unit)
+    generate = diffusion_generator(checkpoint, data, steps, not no_guidance, size_hint_A=size_hint)
+    console = Console(stderr=True)
+    settings = SolveSettings(samples=samples, seed=seed, natoms=natoms, size_hint_A=size_hint)
+    summary = run_solve(data, formula, generate, out, settings, progress=lambda m: console.log(m))
+    best = summary["candidates"][0]
+    typer.echo(f"{out}: rank 1 {best['cif']} Rwp {best['rwp']:.2%} {best['space_group']} "
+               f"({len(summary['candidates'])} candidates, {summary['timing_s']:.0f} s)")
 
 
 def main() -> None:

@@ -124,3 +124,19 @@ def training_patterns(
                   "caglioti_w_deg2": w, "texture_ratio": ratio, "texture_axis": axis, "q_min": q_min, "q_max": q_max,
                   "counts": counts[:, 0]}
     return y.to(torch.float32), mask, conditions
+
+
+def model_input(pattern, aug: Augmentation = Augmentation()) -> tuple[torch.Tensor, torch.Tensor]:
+    """A measured :class:`~xtalsolve.pattern.Pattern` as the model sees its training patterns: intensity
+    interpolated onto ``aug.grid`` (Q, 1/angstrom), 0 outside the measured Q range (mask False there), scaled to a
+    maximum of 1. Returns (P,) float32 intensity and (P,) bool mask."""
+    import numpy as np
+
+    q = pattern.q
+    grid = aug.grid.numpy()
+    mask = (grid >= q.min()) & (grid <= q.max())
+    y = np.where(mask, np.interp(grid, q, pattern.y), 0.0)
+    y = y - y[mask].min() if mask.any() else y
+    y = np.where(mask, y, 0.0)
+    y = y / max(float(y.max()), 1e-30)
+    return torch.as_tensor(y, dtype=torch.float32), torch.as_tensor(mask)
