@@ -66,6 +66,15 @@ class Pattern:
             return q_to_two_theta(self.x, self.wavelength)
         raise XtalsolveError("a PDF (x in r) has no 2theta axis", self.source)
 
+    def in_two_theta(self) -> Pattern:
+        """The same measurement on a 2theta axis (degrees): Q data are mapped point by point with the wavelength
+        (points beyond 2theta = 180 dropped); y and sigma are kept as measured per point."""
+        if self.unit == "2theta":
+            return self
+        two_theta = self.two_theta
+        keep = np.isfinite(two_theta) & (two_theta > 0)
+        return replace(self, x=two_theta[keep], y=self.y[keep], sigma=self.sigma[keep], unit="2theta")
+
     def with_wavelength(self, wavelength: float | None) -> Pattern:
         return replace(self, wavelength=wavelength)
 

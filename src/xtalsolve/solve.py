@@ -100,6 +100,7 @@ def solve(
     store = out / "candidates"
     store.mkdir(parents=True, exist_ok=True)
     instrument = instrument_of(pattern)
+    measured = pattern.in_two_theta()  # the refinement works in 2theta
     trials = formula_unit_trials(composition, pattern, settings.max_atoms, settings.natoms)[: settings.max_trials]
     say = progress or (lambda message: None)
 
@@ -114,7 +115,7 @@ def solve(
                 continue
             say(f"Z = {trial.z}: refining candidate {i + 1} of {count}")
             try:
-                result = refine(pattern, structures[i], instrument, max_nfev=settings.refine_max_nfev,
+                result = refine(measured, structures[i], instrument, max_nfev=settings.refine_max_nfev,
                                 **({"size": settings.size_hint_A} if settings.size_hint_A else {}))
             except Exception as err:  # noqa: BLE001 - one unusable candidate (collapsed cell, overlapping atoms)
                 record = {"z": trial.z, "index": i, "failed": f"{type(err).__name__}: {err}"}  # must not end the run

@@ -1,0 +1,124 @@
+"""Outputs of a refinement: CIF with esd's, summary.json and the Rietveld plot (observed, calculated,
+difference, reflection ticks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pymatgen.core.operations import SymmOp
+
+from xtalsolve.refine.parameters import format_esd
+from xtalsolve.refine.recipe import RefinementResult
+
+
+def cif_text(result: RefinementResult, name: str = "refined") -> str:
+    """CIF of the refined structure: space group with its operations, cell and independent sites with esd's,
+    isotropic B, and the fit statistics."""
+    symmetry = result.symmetry
+    lines = [f"data_{name}", "_audit_creation_method 'xtalsolve refine'",
+             f"_chemical_formula_sum '{result.structure.composition.formula}'",
+             f"_symmetry_space_group_name_H-M '{symmetry.symbol}'", f"_symmetry_Int_Tables_number {symmetry.number}"]
+    for key, value, esd in zip(("length_a", "length_b", "length_c", "angle_alpha", "angle_beta", "angle_gamma"),
+                               result.cell, result.cell_esd):
+        lines.append(f"_cell_{key} {format_esd(float(value), float(esd) if esd > 0 else None)}")
+    lines.append(f"_cell_volume {result.structure.lattice.volume:.4f}")
+    lines += [f"_pd_proc_ls_prof_R_factor {result.rp:.5f}", f"_pd_proc_ls_prof_wR_factor {result.rwp:.5f}",
+              f"_pd_proc_ls_prof_wR_expected {result.r_expected:.5f}", f"_refine_ls_goodness_of_fit_all {result.gof:.4f}"]
+    if result.r_bragg is not None:
+        lines.append(f"_refine_ls_R_I_factor {result.r_bragg:.5f}")
+    lines += ["", "loop_", "_symmetry_equiv_pos_as_xyz"]
+    seen = set()
+    for rot, trans in zip(symmetry.rotations, symmetry.translations):
+        xyz = SymmOp.from_rotation_and_translation(rot, trans % 1.0).as_xyz_str()
+        if xyz not in seen:
+            seen.add(xyz)
+            lines.append(f"  '{xyz}'")
+    lines += ["", "loop_", "_atom_site_label", "_atom_site_type_symbol", "_atom_site_fract_x", "_atom_site_fract_y",
+              "_atom_site_fract_z", "_atom_site_occupancy", "_atom_site_B_iso_or_equiv"]
+    if result.sites:
+        for site in result.sites:
+            coords = [format_esd(v % 1.0, e if e > 1e-12 else None) for v, e in zip(site["frac"], site["frac_esd"])]
+            biso = format_esd(site["biso"], site["biso_esd"]) if site["biso"] is not None else "0.5"
+            for k, (species, occ) in enumerate(site["species"].items()):
+                label = site["label"] if k == 0 else f"{site['label']}_{k}"
+                element = "".join(c for c in species if c.isalpha())
+                lines.append(f"  {label} {element} {' '.join(coords)} {occ:.4f} {biso}")
+    else:  # Le Bail: no atoms were refined; keep the starting model for reference
+        for i, site in enumerate(result.structure):
+            for species, occ in site.species.items():
+                x, y, z = site.frac_coords
+                lines.append(f"  {species.symbol}{i + 1} {species.symbol} {x:.5f} {y:.5f} {z:.5f} {occ:.4f} 0.5")
+    return "\n".join(lines) + "\n"
+
+
+def _plain(value):
+    """JSON-safe copy (numpy scalars and arrays to Python)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def plot_fit(result: RefinementResult, path: str | Path, title: str | None = None) -> None:
+    """Rietveld plot: observed (dots), calculated (line), difference (below) and reflection ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, yo, yc = result.x, result.y_obs, result.y_calc
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
+    ax.plot(x, yo, ".", ms=2, color="tab:red", label="observed")
+    ax.plot(x, yc, "-", lw=0.8, color="black", label="calculated")
+    ax.plot(x, result.background, "-", lw=0.6, color="tab:green", label="background")
+    span = float(np.nanmax(yo) - np.nanmin(yo)) or 1.0
+    tick_y = np.nanmin(yo) - 0.05 * span
+    ax.plot(result.ticks, np.full(len(result.ticks), tick_y), "|", ms=8, color="tab:blue", label="reflections")
+    diff = yo - yc
+    offset = tick_y - 0.08 * span - np.nanmax(diff)
+    ax.plot(x, diff + offset, "-", lw=0.6, color="tab:gray", label="difference")
+    for lo, hi in _excluded_runs(x, result.mask):
+        ax.axvspan(lo, hi, color="0.9", zorder=0)
+    ax.set_xlabel("2theta (degrees)")
+    ax.set_ylabel("intensity")
+    ax.set_xlim(x.min(), x.max())
+    ax.set_title(title or f"{result.structure.composition.reduced_formula} {result.space_group}: "
+                 f"Rwp {100 * result.rwp:.2f} %, GoF {result.gof:.2f}")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _excluded_runs(x, mask):
+    runs, start = [], None
+    for xi, keep in zip(x, mask):
+        if not keep and start is None:
+            start = xi
+        if keep and start is not None:
+            runs.append((start, xi))
+            start = None
+    if start is not None:
+        runs.append((start, x[-1]))
+    return runs
+
+
+def write_outputs(result: RefinementResult, out_dir: str | Path, extra: dict | None = None) -> dict[str, Path]:
+    """DIR/refined.cif, DIR/summary.json and DIR/fit.png; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"cif": out / "refined.cif", "summary": out / "summary.json", "plot": out / "fit.png"}
+    paths["cif"].write_text(cif_text(result))
+    summary = result.summary() | (extra or {})
+    paths["summary"].write_text(json.dumps(_plain(summary), indent=2))
+    plot_fit(result, paths["plot"])
+    return paths
