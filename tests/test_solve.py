@@ -94,14 +94,14 @@ def test_solve_command_end_to_end_with_a_model_checkpoint(tmp_path, rutile_patte
     data = tmp_path / "rutile.xy"
     write_xy(pattern, data)
     args = [sys.executable, "-m", "xtalsolve.cli", "solve", str(data), "--formula", "TiO2", "--natoms", "6",
-            "--samples", "2", "--steps", "6", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]
+            "--samples", "1", "--steps", "6", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]
     result = subprocess.run(args, capture_output=True, text=True)
     # an untrained model may give cells the refinement cannot use: then exit 2, but with every attempt reported
     assert result.returncode == 0 or "no candidate could be refined" in result.stderr, result.stderr[-2000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["formula"] == "TiO2" and summary["trials"] == [{"z": 2, "n_atoms": 6, "probability": 1.0}]
     refined = summary["candidates"] + summary["failed"]
-    assert len(refined) == 2
+    assert len(refined) == 1
     for candidate in summary["candidates"]:
         structure = Structure.from_file(tmp_path / "out" / candidate["cif"])
         assert structure.composition.reduced_formula == "TiO2" and len(structure) == 6

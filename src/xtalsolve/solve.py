@@ -118,7 +118,8 @@ def solve(
                 result = refine(measured, structures[i], instrument, max_nfev=settings.refine_max_nfev,
                                 **({"size": settings.size_hint_A} if settings.size_hint_A else {}))
             except Exception as err:  # noqa: BLE001 - one unusable candidate (collapsed cell, overlapping atoms)
-                record = {"z": trial.z, "index": i, "failed": f"{type(err).__name__}: {err}"}  # must not end the run
+                record = {"z": trial.z, "index": i, "failed": f"{type(err).__name__}: {err}",  # must not end the run
+                          "candidate_cif": structures[i].to(fmt="cif")}
             else:
                 record = {"z": trial.z, "index": i, "rwp": result.rwp, "rp": result.rp, "gof": result.gof,
                           "space_group": result.space_group,

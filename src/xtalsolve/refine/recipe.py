@@ -281,7 +281,12 @@ class Recipe:
         g6 = torch.as_tensor(self.cell.metric0) + basis @ (p - torch.as_tensor(self.cell.start))
         rows = [[g6[_METRIC_INDEX.index((min(i, j), max(i, j)))] for j in range(3)] for i in range(3)]
         metric = torch.stack([torch.stack(r) for r in rows])
-        return torch.linalg.cholesky(metric)
+        factor, info = torch.linalg.cholesky_ex(metric)
+        if int(info) != 0:  # a trial step left the metric indefinite: lift its spectrum just enough; the cell is
+            # then badly wrong, the residual large, and the trust region steps back instead of the fit crashing
+            lift = (1e-3 - torch.linalg.eigvalsh(metric.detach()).min()).clamp(min=0.0)
+            factor = torch.linalg.cholesky(metric + lift * torch.eye(3, dtype=metric.dtype))
+        return factor
 
     def frac_of(self, full: torch.Tensor) -> torch.Tensor:
         """(atoms, 3) fractional coordinates from the free coordinate parameters."""
