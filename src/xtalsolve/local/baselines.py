@@ -1,0 +1,181 @@
+"""Baselines for spectrum -> local structure.
+
+- :class:`TemplateMatcher`: nearest library spectra (L2 distance between edge-aligned normalised feature vectors);
+  their clusters are the prediction.
+- :func:`fit_first_shell`: EXAFS-style single-shell fit, chi(k) = N S02 |F(k)| / (k R^2) exp(-2 k^2 sigma2)
+  exp(-2R / lambda(k)) sin(2kR + phi(k)), least squares on N, R, sigma2 (and an E0 shift), with the
+  amplitude |F|, phase phi and mean free path lambda of the absorber-ligand path given as arrays on k
+  (from FEFF's ``feffNNNN.dat`` or any other source).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from xtalsolve.errors import XtalsolveError
+from xtalsolve.local.clusters import Cluster, FirstShell
+from xtalsolve.local.library import SpectrumLibrary
+
+KTOE = 3.8099821161  # hbar^2 / (2 m_e) in eV angstrom^2: E - E0 = KTOE * k^2
+
+
+class TemplateMatcher:
+    """Nearest-neighbour search over a :class:`SpectrumLibrary` (features must share its grid)."""
+
+    def __init__(self, library: SpectrumLibrary):
+        if len(library) == 0:
+            raise XtalsolveError("empty template library", "library")
+        self.library = library
+
+    def query(self, features: np.ndarray, k: int = 8, exclude: set[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Indices and L2 distances of the ``k`` nearest library spectra; ``exclude`` drops material keys."""
+        d = np.linalg.norm(self.library.features - features[None, :], axis=1) / np.sqrt(len(features))
+        if exclude:
+            d = np.where([m.get("material_key") in exclude for m in self.library.meta], np.inf, d)
+        idx = np.argsort(d, kind="stable")[:k]
+        idx = idx[np.isfinite(d[idx])]
+        return idx, d[idx]
+
+    def predict(self, features: np.ndarray, k: int = 8, absorber: str | None = None,
+                exclude: set[str] | None = None) -> list[Cluster]:
+        """Clusters of the ``k`` nearest spectra (best first); meta gains ``template_distance``."""
+        idx, dist = self.query(features, k, exclude)
+        out = []
+        for i, dd in zip(idx, dist):
+            cl = self.library.cluster(int(i), absorber)
+            cl.meta["template_distance"] = float(dd)
+            cl.meta["template_index"] = int(i)
+            out.append(cl)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ EXAFS-style fit
+
+
+@dataclass(frozen=True)
+class ShellFit:
+    """Result of a single-shell fit: N, R (angstrom), sigma2 (angstrom^2), dE0 (eV), residual (rms)."""
+
+    n: float
+    r_A: float
+    sigma2_A2: float
+    de0_eV: float
+    rms: float
+
+
+def shell_chi(k, n, r, sigma2, amp, phase, lam, s02=1.0):
+    """Single-scattering EXAFS of one shell (k in 1/angstrom; amp, phase, lam on the same k)."""
+    k = np.maximum(k, 1e-6)
+    return n * s02 * amp / (k * r**2) * np.exp(-2 * k**2 * sigma2) * np.exp(-2 * r / lam) * np.sin(2 * k * r + phase)
+
+
+def fit_first_shell(k, chi, amp, phase, lam, kweight: int = 2, s02: float = 1.0,
+                    start=(4.0, 1.8, 0.003)) -> ShellFit:
+    """Least-squares fit of N, R, sigma2 and an E0 shift to ``chi(k)`` (k^kweight weighted).
+
+    ``k``, ``amp``, ``phase``, ``lam`` are arrays on the same k grid (1/angstrom). The E0 shift moves k as
+    k' = sqrt(k^2 - dE0 / KTOE); the path functions are interpolated on k'.
+    """
+    k, chi = np.asarray(k, float), np.asarray(chi, float)
+
+    def model(p):
+        n, r, s2, de0 = p
+        kp = np.sqrt(np.maximum(k**2 - de0 / KTOE, 1e-8))
+        return shell_chi(kp, n, r, s2, np.interp(kp, k, amp), np.interp(kp, k, phase), np.interp(kp, k, lam), s02)
+
+    def resid(p):
+        return (model(p) - chi) * k**kweight
+
+    best = None
+    for r0 in np.linspace(start[1] - 0.2, start[1] + 0.2, 5):  # phase wrapping: several R starts
+        res = least_squares(resid, [start[0], r0, start[2], 0.0],
+                            bounds=([0.1, 0.8, 0.0, -15.0], [16.0, 4.0, 0.05, 15.0]))
+        if best is None or res.cost < best.cost:
+            best = res
+    n, r, s2, de0 = best.x
+    return ShellFit(float(n), float(r), float(s2), float(de0), float(np.sqrt(np.mean(best.fun**2))))
+
+
+# ---------------------------------------------------------------------------------------------- FEFF path functions
+
+
+@dataclass(frozen=True)
+class FeffPath:
+    """One scattering path from ``feffNNNN.dat``: k (1/angstrom), amplitude |F| x reduction factor, total phase
+    (2 phi_c + phi_F, radians), mean free path lambda (angstrom), degeneracy and half path length reff (angstrom)."""
+
+    k: np.ndarray
+    amp: np.ndarray
+    phase: np.ndarray
+    lam: np.ndarray
+    degeneracy: float
+    reff_A: float
+
+
+def read_feff_path(text: str) -> FeffPath:
+    """Parse FEFF's ``feffNNNN.dat`` text (columns k, real[2*phc], mag[feff], phase[feff], red factor, lambda, ...)."""
+    lines = text.splitlines()
+    head = next(i for i, ln in enumerate(lines) if "nleg, deg, reff" in ln)
+    _, deg, reff, *_ = lines[head].split()
+    start = next(i for i, ln in enumerate(lines) if ln.strip().startswith("k") and "real[2*phc]" in ln) + 1
+    data = np.array([[float(x) for x in ln.split()[:6]] for ln in lines[start:] if ln.strip()])
+    return FeffPath(data[:, 0], data[:, 2] * data[:, 4], data[:, 1] + data[:, 3], data[:, 5], float(deg), float(reff))
+
+
+def feff_exafs(cluster: Cluster, rpath: float, edge: str = "K", kmax: float = 16.0,
+               nleg: int = 2) -> tuple[list[FeffPath], np.ndarray]:
+    """FEFF10 EXAFS of ``cluster`` without SCF (paths up to half length ``rpath`` angstrom and ``nleg`` legs).
+
+    Returns the scattering paths (``feffNNNN.dat``) and FEFF's chi(k) as an array (k, chi).
+    """
+    import tempfile
+
+    from xtalsolve.local.feff import FeffSettings, feff_available, feff_input, quiet_stdout
+
+    if not feff_available():
+        raise XtalsolveError("FEFF10 is not installed: pip install feff10-rs", "feff10")
+    import feff10
+
+    text = feff_input(cluster, FeffSettings(edge=edge), "exafs", cards=[f"EXAFS {kmax}", f"RPATH {rpath:.3f}",
+                                                                        f"NLEG {nleg}"], print_flags="1 0 0 0 0 3")
+    with tempfile.TemporaryDirectory(prefix="feffexafs_") as wd:
+        try:
+            with quiet_stdout():
+                feff10.run(text, wd)
+            paths = [read_feff_path(p.read_text()) for p in sorted(Path(wd).glob("feff[0-9][0-9][0-9][0-9].dat"))]
+            chi = np.loadtxt(Path(wd, "chi.dat"), comments="#")[:, :2]
+        except Exception as exc:
+            raise XtalsolveError(f"FEFF10 EXAFS run failed: {str(exc).splitlines()[0]}", "feff10") from exc
+    return paths, chi
+
+
+def first_shell_path(cluster: Cluster, ligand: str = "O", edge: str = "K", kmax: float = 16.0) -> tuple[FeffPath,
+                                                                                                      np.ndarray]:
+    """FEFF10 single-scattering path to the first ``ligand`` shell of ``cluster`` and FEFF's chi(k) of that shell
+    alone (absorber + first shell, no SCF: the first-shell path functions barely depend on it)."""
+    from xtalsolve.local.clusters import first_shell_indices
+
+    idx = first_shell_indices(cluster, ligand)
+    if len(idx) == 0:
+        raise XtalsolveError(f"no {ligand} in the first shell", "cluster")
+    shell = Cluster((cluster.absorber,) + (ligand,) * len(idx), np.vstack([np.zeros(3), cluster.positions[idx]]))
+    paths, chi = feff_exafs(shell, float(cluster.distances[idx].max()) + 0.05, edge, kmax)
+    return paths[0], chi
+
+
+def exafs_first_shell(cluster: Cluster, reference: FeffPath, ligand: str = "O", kmin: float = 3.0,
+                      kmax: float = 12.0, rpath: float = 4.0, noise: float = 0.0, seed: int = 0) -> FirstShell:
+    """EXAFS-style analysis of a cluster: FEFF chi(k) of the whole cluster (single scattering to ``rpath``),
+    optional Gaussian noise, and a single-shell fit with the ``reference`` path (from a model compound, as an
+    analyst would). CN = fitted N rounded; bond lengths = fitted R; no angles (EXAFS does not give them)."""
+    _, chi = feff_exafs(cluster, rpath, kmax=kmax + 2.0)
+    m = (chi[:, 0] >= kmin) & (chi[:, 0] <= kmax)
+    k, y = chi[m, 0], chi[m, 1] + np.random.default_rng(seed).normal(0.0, noise, m.sum())
+    fit = fit_first_shell(k, y, np.interp(k, reference.k, reference.amp), np.interp(k, reference.k, reference.phase),
+                          np.interp(k, reference.k, reference.lam), start=(4.0, reference.reff_A, 0.003))
+    n = max(round(fit.n), 0)
+    return FirstShell(ligand, float("nan"), n, np.full(n, fit.r_A), np.zeros(0))

@@ -1,0 +1,164 @@
+"""Spectrum -> sampled absorber-centred clusters, their consensus first shell, and the output files.
+
+Predictors, best first: the diffusion model when a checkpoint for (absorber, edge) exists, else template matching
+over a spectrum library. The method used is written into ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from xtalsolve.errors import XtalsolveError
+from xtalsolve.io.spectra import XasSpectrum, normalize
+from xtalsolve.local.clusters import Cluster, first_shell
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+def default_library_path(absorber: str, edge: str) -> Path:
+    return DATA_DIR / f"library_{absorber}_{edge}.npz"
+
+
+def default_checkpoint_path(absorber: str, edge: str) -> Path:
+    return DATA_DIR / f"edm_{absorber}_{edge}.pt"
+
+
+@dataclass
+class LocalPrediction:
+    method: str
+    clusters: list[Cluster]
+    summary: dict
+    extra: dict = field(default_factory=dict)
+
+
+def consensus(clusters: list[Cluster], ligand: str = "O") -> dict:
+    """Consensus first shell over sampled clusters: modal CN, median sorted bond lengths and angles among the samples
+    with that CN, and the spread (CN histogram, standard deviations)."""
+    shells = [first_shell(c, ligand) for c in clusters]
+    counts = Counter(s.coordination_number for s in shells)
+    cn = max(counts, key=lambda c: (counts[c], -c))
+    agree = [s for s in shells if s.coordination_number == cn]
+    bonds = np.array([s.bond_lengths_A for s in agree]) if cn else np.zeros((len(agree), 0))
+    angles = np.array([s.angles_deg for s in agree]) if cn > 1 else np.zeros((len(agree), 0))
+    means = np.array([s.mean_bond_length_A for s in shells if s.coordination_number > 0])
+    return {
+        "coordination_number": int(cn),
+        "bond_lengths_A": np.round(np.median(bonds, axis=0), 4).tolist() if cn else [],
+        "mean_bond_length_A": round(float(np.median(bonds.mean(axis=1))), 4) if cn else None,
+        "angles_deg": np.round(np.median(angles, axis=0), 2).tolist() if cn > 1 else [],
+        "spread": {
+            "coordination_number_counts": {str(k): v for k, v in sorted(counts.items())},
+            "coordination_number_agreement": round(counts[cn] / len(shells), 3),
+            "mean_bond_length_std_A": round(float(np.std(means)), 4) if len(means) else None,
+            "bond_lengths_std_A": np.round(np.std(bonds, axis=0), 4).tolist() if cn else [],
+            "angles_std_deg": np.round(np.std(angles, axis=0), 2).tolist() if cn > 1 else [],
+        },
+        "ligand": ligand,
+        "samples": len(clusters),
+    }
+
+
+def predict_local(
+    spectrum: XasSpectrum,
+    absorber: str,
+    edge: str = "K",
+    samples: int = 8,
+    ligand: str = "O",
+    library: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    method: str = "auto",
+    seed: int = 0,
+    broaden_eV: float = 0.0,
+) -> LocalPrediction:
+    """Sample ``samples`` clusters for ``spectrum`` and summarise them (see :func:`consensus`).
+
+    ``broaden_eV``: Gaussian FWHM applied to the template library's computed spectra before matching (the
+    instrumental resolution of a measured spectrum)."""
+    from xtalsolve.local.library import SpectrumLibrary
+
+    norm = normalize(spectrum)
+    ckpt = Path(checkpoint) if checkpoint else default_checkpoint_path(absorber, edge)
+    lib_path = Path(library) if library else default_library_path(absorber, edge)
+    if method not in ("auto", "diffusion", "template"):
+        raise XtalsolveError("method must be auto, diffusion or template", "--method")
+    use_model = method == "diffusion" or (method == "auto" and ckpt.exists())
+    extra = {"e0_eV": norm.e0, "edge_step": norm.edge_step}
+    if use_model:
+        from xtalsolve.local.model import load_model, sample_clusters
+
+        if not ckpt.exists():
+            raise XtalsolveError("no diffusion checkpoint", ckpt)
+        model, cfg = load_model(ckpt)
+        feats = norm.on_grid(np.asarray(cfg["grid"]))
+        clusters = sample_clusters(model, cfg, feats, samples, absorber, seed=seed)
+        name = f"diffusion ({ckpt.name})"
+    else:
+        if lib_path.is_dir():
+            from xtalsolve.local.library import build_library
+
+            lib = build_library(lib_path, absorber, edge=edge)
+        elif lib_path.exists():
+            lib = SpectrumLibrary.load(lib_path)
+        else:
+            raise XtalsolveError(f"no model or template library for {absorber} {edge}; build one with "
+                                 "`xtalsolve spectra generate` and pass it with --library", lib_path)
+        from xtalsolve.local.baselines import TemplateMatcher
+
+        lib = lib.broadened(broaden_eV)
+        feats = norm.on_grid(lib.grid)
+        matcher = TemplateMatcher(lib)
+        clusters = matcher.predict(feats, samples, absorber)
+        if not clusters:
+            raise XtalsolveError("template library has no usable entry", lib_path)
+        extra["template_features"] = [lib.features[c.meta["template_index"]] for c in clusters]
+        extra["grid"] = lib.grid
+        name = "template matching (nearest library spectra)"
+    extra["features"] = feats
+    summary = {"method": name, "absorber": absorber, "edge": edge, **consensus(clusters, ligand),
+               "e0_eV": round(norm.e0, 2), "source": spectrum.source}
+    return LocalPrediction(name, clusters, summary, extra)
+
+
+def write_outputs(pred: LocalPrediction, spectrum: XasSpectrum, out: str | Path) -> Path:
+    """Write ``summary.json``, ``sample_XXX.xyz`` (one per sampled cluster) and ``local.png`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(pred.summary, indent=2) + "\n")
+    for i, cl in enumerate(pred.clusters):
+        fs = first_shell(cl, pred.summary.get("ligand", "O"))
+        (out / f"sample_{i:03d}.xyz").write_text(cl.to_xyz(f"sample {i} CN={fs.coordination_number} "
+                                                           f"method={pred.method}"))
+    _plot(pred, spectrum, out / "local.png")
+    return out
+
+
+def _plot(pred: LocalPrediction, spectrum: XasSpectrum, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norm = normalize(spectrum)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(norm.energy - norm.e0, norm.norm, "k-", lw=1.5, label="input (normalised)")
+    if "template_features" in pred.extra:
+        a1.plot(pred.extra["grid"], pred.extra["template_features"][0], "r--", lw=1,
+                label="best template (FEFF10)")
+    a1.set_xlim(-20, 60)
+    a1.set_xlabel("E - E0 (eV)")
+    a1.set_ylabel("normalised mu")
+    a1.legend(fontsize=8)
+    d = np.concatenate([c.distances[1:] for c in pred.clusters])
+    a2.hist(d[d < 4.0], bins=np.arange(1.0, 4.0, 0.04), color="C0")
+    a2.set_xlabel(f"distance from {pred.summary['absorber']} (angstrom)")
+    a2.set_ylabel(f"neighbours ({len(pred.clusters)} samples)")
+    a2.set_title(f"CN {pred.summary['coordination_number']}, <r> {pred.summary['mean_bond_length_A']} A",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

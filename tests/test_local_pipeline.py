@@ -1,0 +1,252 @@
+"""Dataset split/sites, library, baselines, metrics, and the `xtalsolve local` / `spectra` CLI end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pymatgen.core import Lattice, Structure
+
+from xtalsolve.local.baselines import TemplateMatcher, fit_first_shell, shell_chi
+from xtalsolve.local.clusters import Cluster, FirstShell, first_shell
+from xtalsolve.local.dataset import absorber_sites, iter_clusters, material_split
+from xtalsolve.local.library import SpectrumLibrary
+from xtalsolve.local.metrics import score
+from xtalsolve.local.predict import consensus
+
+DATA = Path(__file__).parent / "data" / "spectra"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def quartz():
+    return Structure.from_spacegroup("P3_121", Lattice.hexagonal(4.9134, 5.4052), ["Si", "O"],
+                                     [[0.4697, 0, 1 / 3], [0.4135, 0.2669, 0.21423]])
+
+
+def test_material_split_is_deterministic_and_balanced():
+    keys = [f"X{i}O2|{i % 230}" for i in range(3000)]
+    splits = [material_split(k) for k in keys]
+    assert splits == [material_split(k) for k in keys]
+    frac = {s: splits.count(s) / len(splits) for s in ("train", "val", "test")}
+    assert abs(frac["train"] - 0.8) < 0.03 and abs(frac["test"] - 0.1) < 0.03
+
+
+def test_absorber_sites_unique_by_symmetry():
+    s = quartz()
+    assert len(absorber_sites(s, "Si")) == 1  # three Si, one orbit
+    assert absorber_sites(s, "O") == []  # O's first shell (by the O-O generic cutoff) is not pure O
+
+
+def test_iter_clusters_on_one_zeolite(tmp_path):
+    zeo = tmp_path / "structures" / "zeolites_iza"
+    zeo.mkdir(parents=True)
+    src = SHARED / "structures" / "zeolites_iza" / "SOD.cif"
+    if not src.exists():
+        pytest.skip("shared zeolite data not available")
+    (zeo / "SOD.cif").write_text(src.read_text())
+    cls = list(iter_clusters("Si", sources=("zeolites",), n_perturbed=4, data_dir=tmp_path))
+    assert len(cls) == 5  # sodalite: one Si orbit; unperturbed + stretch, bend, rattle, vacancy
+    kinds = [c.meta.get("perturbation", [{}])[-1].get("kind") for c in cls]
+    assert kinds == [None, "stretch", "bend", "rattle", "vacancy"]
+    assert first_shell(cls[0]).coordination_number == 4 and first_shell(cls[-1]).coordination_number == 3
+    assert len({c.meta["split"] for c in cls}) == 1 and cls[0].meta["material_key"].startswith("SiO2|")
+    again = list(iter_clusters("Si", sources=("zeolites",), n_perturbed=4, data_dir=tmp_path))
+    assert all(np.array_equal(a.positions, b.positions) for a, b in zip(cls, again))
+
+
+def test_library_roundtrip_and_template_self_match(tmp_path):
+    lib = SpectrumLibrary.load(DATA / "si_k_library_small.npz")
+    lib.save(tmp_path / "l.npz")
+    lib2 = SpectrumLibrary.load(tmp_path / "l.npz")
+    assert len(lib2) == len(lib) and lib2.meta == lib.meta
+    tm = TemplateMatcher(lib)
+    for i in (0, 5, 11):
+        idx, dist = tm.query(lib.features[i], k=1)
+        assert idx[0] == i and dist[0] == 0
+    # excluding the material removes every copy of it
+    key = lib.meta[0]["material_key"]
+    idx, _ = tm.query(lib.features[0], k=len(lib), exclude={key})
+    assert all(lib.meta[j]["material_key"] != key for j in idx)
+
+
+def shell(cn, r, angles=()):
+    return FirstShell("O", 2.2, cn, np.full(cn, r), np.array(angles, float))
+
+
+def test_metrics_against_hand_values():
+    pred = [shell(4, 1.62, [109.5] * 6), shell(6, 1.80, [90.0] * 12 + [180.0] * 3)]
+    true = [shell(4, 1.60, [109.5] * 6), shell(4, 1.75, [109.5] * 6)]
+    s = score(pred, true)
+    assert s["first_shell_mae_A"] == pytest.approx((0.02 + 0.05) / 2)
+    assert s["cn_accuracy"] == 0.5 and s["cn_relative_error"] == pytest.approx((0 + 2 / 4) / 2)
+    assert s["angle_w1_mean_deg"] == pytest.approx((0 + (12 * 19.5 + 3 * 70.5) / 15) / 2)
+
+
+def test_consensus_of_samples():
+    tet = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)
+    cl = [Cluster(("Si",) + ("O",) * 4, np.vstack([np.zeros(3), tet * r])) for r in (1.60, 1.62, 1.64)]
+    cl.append(Cluster(("Si",) + ("O",) * 3, np.vstack([np.zeros(3), tet[:3] * 1.7])))
+    c = consensus(cl)
+    assert c["coordination_number"] == 4 and c["mean_bond_length_A"] == pytest.approx(1.62)
+    assert c["spread"]["coordination_number_counts"] == {"3": 1, "4": 3} and c["samples"] == 4
+    assert c["angles_deg"] == pytest.approx([109.47] * 6, abs=0.01)
+
+
+def test_first_shell_exafs_fit_recovers_synthetic_shell():
+    k = np.linspace(2.0, 12.0, 300)
+    amp = 0.6 * np.exp(-((k - 4.0) ** 2) / 30.0)  # smooth, realistic-looking backscattering amplitude
+    phase = -1.2 - 0.25 * k
+    lam = 1.5 + 0.8 * k
+    chi = shell_chi(k, 4.0, 1.61, 0.0025, amp, phase, lam)
+    chi += np.random.default_rng(0).normal(0, 0.002, k.size)
+    fit = fit_first_shell(k, chi, amp, phase, lam, start=(5.0, 1.7, 0.004))
+    assert fit.n == pytest.approx(4.0, rel=0.1) and fit.r_A == pytest.approx(1.61, abs=0.02)
+    assert fit.sigma2_A2 == pytest.approx(0.0025, abs=0.0008)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "xtalsolve.cli", *args], capture_output=True, text=True, check=False)
+
+
+def test_cli_local_end_to_end(tmp_path):
+    out = tmp_path / "o"
+    r = run_cli("local", str(DATA / "quartz_si_k_feff.txt"), "--absorber", "Si", "--edge", "K", "--samples", "5",
+                "--library", str(DATA / "si_k_library_small.npz"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["coordination_number"] == 4 and s["samples"] == 5 and s["method"].startswith("template")
+    assert abs(s["mean_bond_length_A"] - 1.61) < 0.05 and len(s["bond_lengths_A"]) == 4 and len(s["angles_deg"]) == 6
+    assert {"coordination_number_counts", "mean_bond_length_std_A"} <= set(s["spread"])
+    assert len(list(out.glob("sample_*.xyz"))) == 5 and (out / "local.png").stat().st_size > 1000
+
+
+def test_cli_bad_spectra_one_line_exit_2(tmp_path):
+    lib = str(DATA / "si_k_library_small.npz")
+    kev = tmp_path / "kev.txt"
+    e = np.linspace(1.80, 1.90, 100)
+    np.savetxt(kev, np.c_[e, 1 / (1 + np.exp(-(e - 1.839) * 1000))])
+    short = tmp_path / "short.txt"
+    short.write_text("1839 0.1\n1840 0.5\n1841 1.0\n")
+    flat = tmp_path / "flat.txt"
+    np.savetxt(flat, np.c_[np.linspace(1800, 1900, 200), np.random.default_rng(0).normal(1, 0.01, 200)])
+    fe = SHARED / "experimental_xas" / "FeO_rt_01.xdi"
+    for path, msg in ((kev, "keV"), (short, "too short"), (flat, "no absorption edge"), (fe, "Si K edge")):
+        if not path.exists():
+            continue
+        r = run_cli("local", str(path), "--absorber", "Si", "--library", lib, "--out", str(tmp_path / "x"))
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_cli("local", str(DATA / "quartz_si_k_feff.txt"), "--absorber", "Xx", "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and "--absorber" in r.stderr
+
+
+def test_cli_spectra_evaluate(tmp_path):
+    r = run_cli("spectra", "evaluate", "--library", str(DATA / "si_k_library_small.npz"), "--split", "val",
+                "--out", str(tmp_path / "t.md"))
+    assert r.returncode == 0, r.stderr
+    assert "template matching" in r.stdout and (tmp_path / "t.md").exists()
+
+
+@pytest.mark.skipif(not __import__("xtalsolve.local.feff", fromlist=["x"]).feff_available(),
+                    reason="feff10-rs not installed")
+def test_exafs_fit_of_feff_chi_recovers_the_tetrahedron():
+    """FEFF's own chi(k) of an SiO4 tetrahedron, fitted with FEFF's path functions: N = 4, R = 1.61 A."""
+    from xtalsolve.local.baselines import first_shell_path
+
+    tet = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3) * 1.61
+    cl = Cluster(("Si",) + ("O",) * 4, np.vstack([np.zeros(3), tet]))
+    path, chi = first_shell_path(cl, kmax=14.0)
+    assert path.degeneracy == 4 and path.reff_A == pytest.approx(1.61, abs=1e-3)
+    m = (chi[:, 0] >= 3) & (chi[:, 0] <= 12)
+    k = chi[m, 0]
+    fit = fit_first_shell(k, chi[m, 1], np.interp(k, path.k, path.amp), np.interp(k, path.k, path.phase),
+                          np.interp(k, path.k, path.lam), start=(6.0, 1.7, 0.003))
+    assert fit.n == pytest.approx(4.0, rel=0.05) and fit.r_A == pytest.approx(1.61, abs=0.01)
+    assert fit.sigma2_A2 < 5e-4
+
+
+def test_library_subset_by_mask_and_indices():
+    lib = SpectrumLibrary.load(DATA / "si_k_library_small.npz")
+    assert len(lib.subset(range(5))) == 5 and lib.subset([0, 2]).meta == [lib.meta[0], lib.meta[2]]
+    mask = np.zeros(len(lib), bool)
+    mask[[1, 3]] = True
+    assert lib.subset(mask).meta == [lib.meta[1], lib.meta[3]]
+    assert all(m["split"] == "val" for m in lib.split("val").meta)
+
+
+@pytest.mark.skipif(not __import__("xtalsolve.local.feff", fromlist=["x"]).feff_available(),
+                    reason="feff10-rs not installed")
+def test_exafs_baseline_on_a_library_cluster():
+    """EXAFS-style analysis of a 13-atom silicate cluster with an ideal-tetrahedron reference path."""
+    from xtalsolve.local.evaluate import evaluate_exafs
+
+    lib = SpectrumLibrary.load(DATA / "si_k_library_small.npz")
+    i = next(j for j in range(len(lib)) if first_shell(lib.cluster(j)).coordination_number == 4)
+    tet = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3) * 1.61
+    ref = Cluster(("Si",) + ("O",) * 4, np.vstack([np.zeros(3), tet]))
+    s = evaluate_exafs(lib.subset([i]), "Si", ref)
+    assert s["n"] == 1 and s["first_shell_mae_A"] < 0.05 and s["cn_relative_error"] <= 0.25
+
+
+def test_packaged_library_is_the_default(tmp_path):
+    from xtalsolve.local.predict import default_library_path
+
+    if not default_library_path("Si", "K").exists():
+        pytest.skip("no packaged Si K library")
+    r = run_cli("local", str(DATA / "quartz_si_k_feff.txt"), "--absorber", "Si", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["coordination_number"] == 4 and abs(s["mean_bond_length_A"] - 1.61) < 0.05
+
+
+def test_leave_one_material_out_never_uses_the_query_material():
+    from xtalsolve.local.evaluate import evaluate_template_lomo
+
+    lib = SpectrumLibrary.load(DATA / "si_k_library_small.npz")
+    s = evaluate_template_lomo(lib, "Si")
+    assert s["n"] == len(lib) and 0.0 <= s["cn_error_rate"] <= 1.0 and s["first_shell_mae_A"] < 0.1
+    # with the query's own material allowed, the nearest template is the query itself: zero error
+    tm = TemplateMatcher(lib)
+    assert tm.predict(lib.features[3], 1, "Si")[0].meta["template_index"] == 3
+    excl = tm.predict(lib.features[3], 3, "Si", exclude={lib.meta[3]["material_key"]})
+    assert all(lib.meta[c.meta["template_index"]]["material_key"] != lib.meta[3]["material_key"] for c in excl)
+
+
+@pytest.mark.parametrize("name", ["Fe2O3_rt_01.xdi", "FeO_rt_01.xdi"])
+def test_measured_fe_oxides_are_six_fold_with_the_packaged_library(tmp_path, name):
+    """Measured Fe K XANES (APS 20-BM) of hematite and wustite: six-fold Fe, Fe-O near 2.0-2.2 A."""
+    from xtalsolve.local.predict import default_library_path
+
+    if not default_library_path("Fe", "K").exists() or not (SHARED / "experimental_xas" / name).exists():
+        pytest.skip("no packaged Fe K library or no shared XAS data")
+    r = run_cli("local", str(SHARED / "experimental_xas" / name), "--absorber", "Fe", "--samples", "5",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["coordination_number"] == 6 and 1.95 < s["mean_bond_length_A"] < 2.25
+    lib = SpectrumLibrary.load(default_library_path("Fe", "K"))
+    assert not {"FeO", "Fe2O3", "Fe3O4"} & {m["formula"] for m in lib.meta}  # no copy of the measured materials
+
+
+def test_broadened_library_smooths_but_keeps_levels():
+    lib = SpectrumLibrary.load(DATA / "si_k_library_small.npz")
+    b = lib.broadened(3.0)
+    assert np.all(b.features.max(axis=1) < lib.features.max(axis=1))  # white lines are lowered
+    # a Gaussian with mode="nearest" keeps a constant level: the pre-edge start stays at its value
+    np.testing.assert_allclose(b.features[:, 0], lib.features[:, 0], atol=0.02)
+    # the integral over the interior is conserved to within the edge effects
+    inner = slice(20, -20)
+    np.testing.assert_allclose(b.features[:, inner].sum(1), lib.features[:, inner].sum(1), rtol=0.05)
+    assert lib.broadened(0.0) is lib
+
+
+def test_broken_cif_with_overlapping_sites_is_skipped():
+    """IZA OSO parses (pymatgen) into Si15O18 with site pairs 0.001 A apart; FEFF would fail on it."""
+    from xtalsolve.local.dataset import _parse_cif
+
+    oso, sod = (SHARED / "structures" / "zeolites_iza" / f"{n}.cif" for n in ("OSO", "SOD"))
+    if not oso.exists():
+        pytest.skip("shared zeolite data not available")
+    assert _parse_cif(oso.read_text()) is None
+    assert _parse_cif(sod.read_text()).composition.reduced_formula == "SiO2"
