@@ -7,13 +7,24 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import Structure
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def pytest_configure(config):
     warnings.filterwarnings("ignore", message=".*fractional coordinates rounded.*")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op torch thread: on 2 shared cores torch's thread pool only adds overhead (measured up to 10x)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")
@@ -40,4 +51,6 @@ def mp20_sample(shared_data) -> list[Structure]:
 
 @pytest.fixture
 def rocksalt() -> Structure:
-    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    from prototypes import cubic
+
+    return cubic(5.64, {"Na": [[0, 0, 0]], "Cl": [[0.5, 0.5, 0.5]]})

@@ -24,31 +24,11 @@ from xtalsolve.physics.debye import (
 )
 from xtalsolve.physics.scattering import xray_form_factor
 
+from prototypes import cubic  # noqa: E402
+
 CU_KA = 1.54184
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the test machines share few cores, where torch's thread pool only adds overhead."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-FCC = np.array([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]])
-
-
-def cubic(a: float, basis: dict[str, list]) -> Structure:
-    """Conventional cubic cell: every atom of ``basis`` (element -> fractional positions) repeated on the fcc
-    lattice (written out, because Structure.from_spacegroup takes ~1 s)."""
-    species, frac = [], []
-    for element, positions in basis.items():
-        for position in positions:
-            for shift in FCC:
-                species.append(element)
-                frac.append((np.asarray(position) + shift) % 1.0)
-    return Structure(Lattice.cubic(a), species, frac)
 
 
 def gold() -> Structure:
