@@ -66,7 +66,7 @@ def main() -> None:
 
     from pymatgen.core import Structure
 
-    from xtalsolve.data import data_dir, evaluation_set
+    from xtalsolve.data import evaluation_set
     from xtalsolve.metrics import TOLERANCES, match
     from xtalsolve.pattern import Pattern
     from xtalsolve.solve import SolveSettings, diffusion_generator, solve
