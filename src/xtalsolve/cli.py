@@ -252,17 +252,6 @@ def spectra_evaluate(
         out.write_text(table + "\n\n```json\n" + json.dumps(rows, indent=2) + "\n```\n")
 
 
-def _wavelength_from_options(wavelength: float | None, radiation: str | None, default: float = 1.54184) -> float:
-    """Wavelength (angstrom) from --wavelength or --radiation (not both); ``default`` when neither is given."""
-    from xtalsolve.radiation import check_wavelength, wavelength_of
-
-    if wavelength is not None and radiation is not None:
-        raise XtalsolveError("give --wavelength or --radiation, not both", "--wavelength")
-    if radiation is not None:
-        return wavelength_of(radiation)
-    return default if wavelength is None else check_wavelength(wavelength)
-
-
 @app.command()
 def simulate(
     structures: Annotated[list[Path], typer.Argument(help="Structure files (CIF, POSCAR, ...).")],
@@ -296,7 +285,9 @@ def simulate(
         raise XtalsolveError("give one of --two-theta, --q and --r, not both", "--q")
     if debye and size is None:
         raise XtalsolveError("--debye needs the particle diameter --size", "--debye")
-    lam = _wavelength_from_options(wavelength, radiation)
+    from xtalsolve.radiation import wavelength_from_options
+
+    lam = wavelength_from_options(wavelength, radiation)[0] or 1.54184  # Cu Kalpha when neither is given
     kind = "neutron" if neutron else "xray"
     crystals = [read_structure(path) for path in structures]
     biso = (0.5 if r is not None else 0.0) if biso is None else biso  # PDF peaks need a width

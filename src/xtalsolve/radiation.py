@@ -53,6 +53,18 @@ def check_wavelength(wavelength: float, source: str = "--wavelength") -> float:
     return value
 
 
+def wavelength_from_options(wavelength, radiation) -> tuple[float | None, str | None]:
+    """The wavelength (angstrom) the user asked for with --wavelength or --radiation (not both), and which
+    option gave it; (None, None) when neither was given."""
+    if wavelength is not None and radiation is not None:
+        raise XtalsolveError("give --wavelength or --radiation, not both", "--wavelength")
+    if radiation is not None:
+        return wavelength_of(radiation), f"--radiation {radiation}"
+    if wavelength is not None:
+        return check_wavelength(wavelength), "--wavelength"
+    return None, None
+
+
 def two_theta_to_q(two_theta_deg, wavelength: float):
     """Q (1/angstrom) from 2theta (degrees)."""
     return 4.0 * np.pi * np.sin(np.radians(np.asarray(two_theta_deg, dtype=float)) / 2.0) / wavelength

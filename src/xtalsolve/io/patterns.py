@@ -27,7 +27,7 @@ import numpy as np
 from xtalsolve.errors import XtalsolveError
 from xtalsolve.io._base import MAX_POINTS, RawData, check_point_count, pdf_like_name, read_bytes
 from xtalsolve.pattern import UNITS, Pattern
-from xtalsolve.radiation import check_wavelength, wavelength_of
+from xtalsolve.radiation import wavelength_from_options
 
 FORMATS: dict[str, str] = {
     ".xy": "text",
@@ -75,17 +75,12 @@ def _reader(fmt: str):
 
 
 def _wavelength_option(wavelength, radiation, path: Path) -> tuple[float | None, str | None]:
-    """The user's wavelength (angstrom) and which option gave it."""
-    if wavelength is not None and radiation is not None:
-        raise XtalsolveError("give --wavelength or --radiation, not both", path)
+    """The user's wavelength (angstrom) and which option gave it; errors name the file being read."""
     try:
-        if radiation is not None:
-            return wavelength_of(radiation), f"--radiation {radiation}"
-        if wavelength is not None:
-            return check_wavelength(wavelength), "--wavelength"
+        return wavelength_from_options(wavelength, radiation)
     except XtalsolveError as err:
-        raise XtalsolveError(f"{err.source}: {err.problem}", path) from None
-    return None, None
+        problem = err.problem if err.problem.startswith("give") else f"{err.source}: {err.problem}"
+        raise XtalsolveError(problem, path) from None
 
 
 def read_pattern(
