@@ -28,7 +28,9 @@ Generator = Callable[[Composition, int, int], Sequence[Structure]]
 
 @dataclass(frozen=True)
 class SolveSettings:
-    """How hard to search: candidates in all, formula-unit trials tried, refinement effort."""
+    """How hard to search: candidates in all, formula-unit trials tried, refinement effort. Every candidate is
+    screened by a quick fit (scale, background, cell, profile; ``screen_max_nfev``), and the ``refine_top``
+    best are refined fully (all Rietveld stages; ``refine_max_nfev``)."""
 
     samples: int = 8
     max_trials: int = 3
@@ -36,6 +38,8 @@ class SolveSettings:
     max_atoms: int = 20
     natoms: int | None = None
     refine_max_nfev: int = 20
+    screen_max_nfev: int = 8
+    refine_top: int = 3
     size_hint_A: float | None = None
 
 
@@ -91,7 +95,7 @@ def solve(
     CIF file, Rwp, Rp, GoF, space group and lattice (angstrom, degrees), and the time taken (s).
     """
     from xtalsolve.io.structures import write_cif
-    from xtalsolve.refine import instrument_of, refine
+    from xtalsolve.refine import STAGES, instrument_of, refine
     from xtalsolve.refine.report import plot_fit
 
     start = time.perf_counter()
@@ -104,31 +108,48 @@ def solve(
     trials = formula_unit_trials(composition, pattern, settings.max_atoms, settings.natoms)[: settings.max_trials]
     say = progress or (lambda message: None)
 
-    records, best = [], None
+    options = {"size": settings.size_hint_A} if settings.size_hint_A else {}
+    records = []
     for trial, count in allocate(trials, settings.samples):
         todo = [i for i in range(count) if not _candidate_file(store, trial.z, i).is_file()]
         structures = generate(trial.composition(composition), count, settings.seed + 1000 * trial.z) if todo else []
         for i in range(count):
             path = _candidate_file(store, trial.z, i)
-            if path.is_file():  # refined in an earlier run
+            if path.is_file():  # screened in an earlier run
                 records.append(json.loads(path.read_text()))
                 continue
-            say(f"Z = {trial.z}: refining candidate {i + 1} of {count}")
+            say(f"Z = {trial.z}: screening candidate {i + 1} of {count}")
+            record = {"z": trial.z, "index": i, "candidate_cif": structures[i].to(fmt="cif")}
             try:
-                result = refine(measured, structures[i], instrument, max_nfev=settings.refine_max_nfev,
-                                **({"size": settings.size_hint_A} if settings.size_hint_A else {}))
+                result = refine(measured, structures[i], instrument, stages=STAGES[:3],
+                                max_nfev=settings.screen_max_nfev, **options)
             except Exception as err:  # noqa: BLE001 - one unusable candidate (collapsed cell, overlapping atoms)
-                record = {"z": trial.z, "index": i, "failed": f"{type(err).__name__}: {err}",  # must not end the run
-                          "candidate_cif": structures[i].to(fmt="cif")}
+                record["failed"] = f"{type(err).__name__}: {err}"  # must not end the run
             else:
-                record = {"z": trial.z, "index": i, "rwp": result.rwp, "rp": result.rp, "gof": result.gof,
-                          "space_group": result.space_group,
-                          "lattice": dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), map(float, result.cell))),
-                          "cif": result.structure.to(fmt="cif"), "seconds": round(result.seconds, 2)}
-                if best is None or result.rwp < best.rwp:
-                    best = result
+                record |= {"screen_rwp": result.rwp, "screen_cif": result.structure.to(fmt="cif")}
             path.write_text(json.dumps(record))
             records.append(record)
+
+    # full Rietveld for the best screened candidates (kept on disk too, so a resumed run skips them)
+    screened = sorted((r for r in records if "screen_rwp" in r), key=lambda r: r["screen_rwp"])
+    best = None
+    for record in screened[: settings.refine_top]:
+        path = _candidate_file(store, record["z"], record["index"])
+        if "rwp" in record:
+            continue
+        say(f"Z = {record['z']}: refining candidate {record['index'] + 1} (screen Rwp {record['screen_rwp']:.1%})")
+        try:
+            result = refine(measured, Structure.from_str(record["screen_cif"], fmt="cif"), instrument,
+                            max_nfev=settings.refine_max_nfev, **options)
+        except Exception as err:  # noqa: BLE001 - keep the screened result
+            record["refine_failed"] = f"{type(err).__name__}: {err}"
+        else:
+            record |= {"rwp": result.rwp, "rp": result.rp, "gof": result.gof, "space_group": result.space_group,
+                       "lattice": dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), map(float, result.cell))),
+                       "cif": result.structure.to(fmt="cif"), "seconds": round(result.seconds, 2)}
+            if best is None or result.rwp < best.rwp:
+                best = result
+        path.write_text(json.dumps(record))
 
     ranked = sorted((r for r in records if "rwp" in r), key=lambda r: r["rwp"])
     candidates = []
@@ -144,7 +165,8 @@ def solve(
         "source": pattern.source,
         "trials": [{"z": t.z, "n_atoms": t.n_atoms, "probability": t.probability} for t in trials],
         "candidates": candidates,
-        "failed": [r for r in records if "failed" in r],
+        "screened": [{"z": r["z"], "index": r["index"], "screen_rwp": r["screen_rwp"]} for r in screened],
+        "failed": [{"z": r["z"], "index": r["index"], "reason": r["failed"]} for r in records if "failed" in r],
         "timing_s": round(time.perf_counter() - start, 2),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
