@@ -49,8 +49,8 @@ def mp20_sample(shared_data) -> list[Structure]:
     return read_structures(shared_data / "structures" / "mp20_test.csv.gz", 100)
 
 
-@pytest.fixture
-def rocksalt() -> Structure:
-    from prototypes import cubic
+@pytest.fixture(name="rocksalt")
+def rocksalt_fixture() -> Structure:
+    from prototypes import rocksalt
 
-    return cubic(5.64, {"Na": [[0, 0, 0]], "Cl": [[0.5, 0.5, 0.5]]})
+    return rocksalt()

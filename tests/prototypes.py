@@ -18,3 +18,19 @@ def cubic(a: float, basis: dict[str, list]) -> Structure:
                 species.append(element)
                 frac.append((np.asarray(position) + shift) % 1.0)
     return Structure(Lattice.cubic(a), species, frac)
+
+
+def rocksalt() -> Structure:
+    return cubic(5.64, {"Na": [[0, 0, 0]], "Cl": [[0.5, 0.5, 0.5]]})
+
+
+def mncuf6() -> Structure:
+    """mp-1206085, MnCuF6, triclinic P-1 (MP-20 test split, ../shared/data/structures/mp20_test.csv.gz)."""
+    lattice = Lattice.from_parameters(4.99929318, 5.10230773, 5.29702356, 117.86393023, 90.02223206, 119.31413236)
+    species = ["Mn", "Cu"] + ["F"] * 6
+    frac = [
+        [0.5, 0.0, 0.5], [0.0, 0.0, 0.0], [0.742222, 0.882207, 0.254056], [0.257778, 0.117793, 0.745944],
+        [0.625363, 0.880407, 0.740416], [0.374637, 0.119593, 0.259584], [0.14963, 0.538997, 0.267309],
+        [0.85037, 0.461003, 0.732691],
+    ]  # fmt: skip
+    return Structure(lattice, species, frac)

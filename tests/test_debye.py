@@ -11,7 +11,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import Structure
 from scipy.integrate import cumulative_trapezoid
 
 from xtalsolve.crystal.batch import CrystalBatch
@@ -24,7 +24,7 @@ from xtalsolve.physics.debye import (
 )
 from xtalsolve.physics.scattering import xray_form_factor
 
-from prototypes import cubic  # noqa: E402
+from prototypes import cubic, mncuf6, rocksalt  # noqa: E402
 
 CU_KA = 1.54184
 
@@ -35,20 +35,6 @@ def gold() -> Structure:
     return cubic(4.0782, {"Au": [[0, 0, 0]]})
 
 
-def rocksalt() -> Structure:
-    return cubic(5.64, {"Na": [[0, 0, 0]], "Cl": [[0.5, 0.5, 0.5]]})
-
-
-def mncuf6() -> Structure:
-    """mp-1206085, MnCuF6, triclinic P-1 (MP-20 test split, ../shared/data/structures/mp20_test.csv.gz)."""
-    lattice = Lattice.from_parameters(4.99929318, 5.10230773, 5.29702356, 117.86393023, 90.02223206, 119.31413236)
-    species = ["Mn", "Cu"] + ["F"] * 6
-    frac = [
-        [0.5, 0.0, 0.5], [0.0, 0.0, 0.0], [0.742222, 0.882207, 0.254056], [0.257778, 0.117793, 0.745944],
-        [0.625363, 0.880407, 0.740416], [0.374637, 0.119593, 0.259584], [0.14963, 0.538997, 0.267309],
-        [0.85037, 0.461003, 0.732691],
-    ]  # fmt: skip
-    return Structure(lattice, species, frac)
 
 
 def debyecalculator_iq(numbers, positions, biso, radiation="xray"):

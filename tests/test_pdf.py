@@ -14,13 +14,13 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import Structure
 
 from xtalsolve.crystal.batch import CrystalBatch
 from xtalsolve.errors import XtalsolveError
 from xtalsolve.physics.pdf import pdf, simulate_pdf
 
-from prototypes import cubic  # noqa: E402
+from prototypes import cubic, mncuf6, rocksalt  # noqa: E402
 
 
 
@@ -29,24 +29,10 @@ def nickel() -> Structure:
     return cubic(3.524, {"Ni": [[0, 0, 0]]})
 
 
-def rocksalt() -> Structure:
-    return cubic(5.64, {"Na": [[0, 0, 0]], "Cl": [[0.5, 0.5, 0.5]]})
-
-
 def silicon() -> Structure:
     return cubic(5.431, {"Si": [[0, 0, 0], [0.25, 0.25, 0.25]]})
 
 
-def mncuf6() -> Structure:
-    """mp-1206085, MnCuF6, triclinic P-1 (MP-20 test split, ../shared/data/structures/mp20_test.csv.gz)."""
-    lattice = Lattice.from_parameters(4.99929318, 5.10230773, 5.29702356, 117.86393023, 90.02223206, 119.31413236)
-    species = ["Mn", "Cu"] + ["F"] * 6
-    frac = [
-        [0.5, 0.0, 0.5], [0.0, 0.0, 0.0], [0.742222, 0.882207, 0.254056], [0.257778, 0.117793, 0.745944],
-        [0.625363, 0.880407, 0.740416], [0.374637, 0.119593, 0.259584], [0.14963, 0.538997, 0.267309],
-        [0.85037, 0.461003, 0.732691],
-    ]  # fmt: skip
-    return Structure(lattice, species, frac)
 
 
 STRUCTURES = {"Ni": nickel, "NaCl": rocksalt, "Si": silicon, "MnCuF6": mncuf6}
