@@ -45,14 +45,6 @@ TINY = {"hidden": 32, "layers": 2, "k_max": 4, "time_dim": 16, "cond_dim": 32, "
 GRID = torch.linspace(0.5, 8.0, 512, dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 FCC = [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
 
 

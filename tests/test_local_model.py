@@ -1,22 +1,12 @@
 """Diffusion model: numerical E(3) equivariance of the EGNN denoiser, masking, a tiny training run, checkpoints."""
 
 import numpy as np
-import pytest
 import torch
 
 from xtalsolve.io.spectra import FEATURE_GRID_EV
 from xtalsolve.local.clusters import Cluster, first_shell
 from xtalsolve.local.library import SpectrumLibrary, cluster_arrays
 from xtalsolve.local.model import EDMConfig, LocalEDM, load_model, sample_clusters, train
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny graphs: one thread is many times faster than several on a busy machine; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_orthogonal(seed):

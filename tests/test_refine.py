@@ -9,7 +9,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from pymatgen.core import Lattice, Structure
 
 from xtalsolve.errors import XtalsolveError
@@ -19,7 +18,6 @@ from xtalsolve.refine.constraints import LatticeConstraint, site_constraints, sy
 from xtalsolve.refine.parameters import format_esd
 from xtalsolve.refine.recipe import STAGES, Profile, Recipe
 
-torch.set_num_threads(1)
 GRID = (10.0, 80.0, 0.02)
 INSTRUMENT = Instrument(wavelength=1.5406, w=0.004)
 PROFILE_ONLY_SAMPLE = ("size",)  # instrument resolution known; the sample's size is refined

@@ -25,7 +25,7 @@ from xtalsolve.crystal.batch import CrystalBatch
 from xtalsolve.errors import XtalsolveError
 from xtalsolve.physics.profiles import caglioti_fwhm, pseudo_voigt, scherrer_fwhm, strain_fwhm, tch_fwhm_eta
 from xtalsolve.physics.scattering import check_elements, neutron_scattering_length, xray_form_factor
-from xtalsolve.radiation import check_wavelength, two_theta_to_q
+from xtalsolve.radiation import check_wavelength
 
 Number = float | torch.Tensor
 
@@ -523,8 +523,3 @@ def cluster_peaks(two_theta, intensity, tolerance_deg: float = 5e-5) -> tuple[np
     tt, ii = np.asarray(two_theta, dtype=float)[order], np.asarray(intensity, dtype=float)[order]
     groups = np.split(np.arange(len(tt)), np.flatnonzero(np.diff(tt) > tolerance_deg) + 1)
     return np.array([tt[g[0]] for g in groups]), np.array([ii[g].sum() for g in groups])
-
-
-def q_grid_of(two_theta_grid: np.ndarray, wavelength: float) -> np.ndarray:
-    """Convenience: Q (1/angstrom) of a 2theta grid (degrees)."""
-    return two_theta_to_q(two_theta_grid, wavelength)
