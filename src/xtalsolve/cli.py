@@ -354,8 +354,9 @@ def demo(
 @app.command()
 def refine(
     pattern: Annotated[Path, typer.Argument(help="Powder pattern file (2theta).")],
-    structure: Annotated[Path, typer.Argument(help="Starting structure (CIF).")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder: refined.cif, summary.json, fit.png.")],
+    structures: Annotated[list[Path], typer.Argument(help="Starting structure(s) (CIF), one per phase.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: refined.cif (refined_<phase>.cif per phase), "
+                                                    "summary.json, fit.png.")],
     wavelength: WavelengthOpt = None,
     radiation: RadiationOpt = None,
     x_unit: XUnitOpt = None,
@@ -364,8 +365,9 @@ def refine(
     symprec: Annotated[float, typer.Option("--symprec", help="Symmetry tolerance (angstrom).")] = 0.05,
     displacement: Annotated[bool, typer.Option("--displacement/--no-displacement",
                                                help="Refine sample displacement.")] = True,
+    asymmetry: Annotated[int, typer.Option("--asymmetry", help="Berar-Baldinozzi asymmetry terms refined (0, 2, 4).")] = 0,
 ):
-    """Rietveld (or Le Bail) refinement of a structure against a measured pattern, in stages."""
+    """Rietveld (or Le Bail) refinement of one or more phases against a measured pattern, in stages."""
     import warnings
 
     import torch
@@ -377,25 +379,29 @@ def refine(
 
     torch.set_num_threads(1)  # small tensors: one thread is fastest and leaves the other cores free
     data = load_pattern_option(pattern, wavelength, radiation, x_unit)
-    if not structure.exists():
-        raise XtalsolveError("no such file", structure)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            start = Structure.from_file(structure)
-    except Exception as err:  # pymatgen raises many kinds for a bad CIF
-        raise XtalsolveError(f"cannot read the structure: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
-                             structure) from err
+    start = []
+    for structure in structures:
+        if not structure.exists():
+            raise XtalsolveError("no such file", structure)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                start.append(Structure.from_file(structure))
+        except Exception as err:  # pymatgen raises many kinds for a bad CIF
+            raise XtalsolveError(f"cannot read the structure: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+                                 structure) from err
     console = Console(stderr=True)
     progress = lambda s: console.print(f"{s['stage']:<28} Rwp {100 * s['rwp']:6.2f} %  ({s['n_free']} free, {s['seconds']:.0f} s)")  # noqa: E731
     instrument = engine.instrument_of(data, radiation)
-    options = dict(n_background=background, symprec=symprec, progress=progress)
+    options = dict(n_background=background, symprec=symprec, progress=progress, asymmetry=asymmetry,
+                   names=[p.stem for p in structures] if len(structures) > 1 else None)
     if lebail:
         result = engine.lebail(data, start, instrument, **options)
     else:
         result = engine.refine(data, start, instrument, displacement=displacement, **options)
     paths = write_outputs(result, out)
     typer.echo(json.dumps({"rwp": result.rwp, "rp": result.rp, "gof": result.gof, "r_bragg": result.r_bragg,
+                           "weight_fractions": {p.name: p.weight_fraction for p in result.phases},
                            "outputs": {k: str(v) for k, v in paths.items()}}))
 
 

@@ -2,7 +2,8 @@
 
 parameters.py  Parameter / ParameterSet (values, bounds, refined flags, esd's; the solver's flat vector)
 constraints.py cell and Wyckoff constraints from spglib symmetry (affine maps from free parameters)
-recipe.py      Profile, the forward model + background + scale, staged least squares, esd's
+phase.py       one crystalline contribution: structure, constraints, reflection orbits, its own parameters
+recipe.py      Profile, phases on a shared background and instrument, staged least squares, esd's, weight fractions
 lebail.py      Le Bail decomposition (intensities free) to test a cell and space group without atoms
 report.py      refined CIF with esd's, summary.json, Rietveld plot
 """
@@ -15,10 +16,10 @@ from xtalsolve.errors import XtalsolveError
 from xtalsolve.pattern import Pattern
 from xtalsolve.physics.powder import Instrument
 from xtalsolve.refine.constraints import perturb, symmetrize
-from xtalsolve.refine.recipe import STAGES, Profile, Recipe, RefinementResult, instrument_for
+from xtalsolve.refine.recipe import STAGES, PhaseResult, Profile, Recipe, RefinementResult, instrument_for
 
-__all__ = ["STAGES", "Profile", "Recipe", "RefinementResult", "instrument_for", "instrument_of", "lebail",
-           "perturb", "refine", "symmetrize"]
+__all__ = ["STAGES", "PhaseResult", "Profile", "Recipe", "RefinementResult", "instrument_for", "instrument_of",
+           "lebail", "perturb", "refine", "symmetrize"]
 
 
 def instrument_of(pattern: Pattern, radiation: str | None = None) -> Instrument:
@@ -40,18 +41,43 @@ def _profile(pattern, excluded) -> Profile:
     return pattern if isinstance(pattern, Profile) else Profile.from_pattern(pattern, excluded)
 
 
-def refine(pattern: Pattern | Profile, structure: Structure, instrument: Instrument | None = None, *,
-           stages=STAGES, progress=None, max_nfev: int = 30, excluded=(), **options) -> RefinementResult:
-    """Rietveld refinement of ``structure`` against ``pattern`` in the usual stages (scale/background ->
-    cell/zero -> profile -> positions -> B). ``options`` go to :class:`Recipe` (n_background, symprec,
-    displacement, texture, profile_params, biso, size)."""
+def refine(pattern: Pattern | Profile, structure: Structure | list[Structure], instrument: Instrument | None = None,
+           *, stages=STAGES, progress=None, max_nfev: int = 30, excluded=(), lebail_start: bool = False,
+           **options) -> RefinementResult:
+    """Rietveld refinement of ``structure`` (or of a list of phases, one contribution each) against ``pattern``
+    in the usual stages (scale/background -> cell/zero -> profile -> positions -> B and occupancies).
+    ``options`` go to :class:`Recipe` (n_background, symprec, displacement, texture, profile_params, biso, size,
+    asymmetry, refine_ratio, occupancies, names). ``lebail_start``: first fit the cells, zero and displacement by
+    Le Bail (intensities free, so wrong atoms cannot pull the cells), then start the Rietveld stages from them
+    without the cell scan. ``result.phases`` holds each phase's structure, cell and Hill-Howard weight fraction;
+    ``result.structure`` etc. are the first phase's."""
+    import time
+
     if instrument is None:
         instrument = instrument_of(pattern)
-    recipe = Recipe(_profile(pattern, excluded), structure, instrument, **options)
-    return recipe.refine(stages=stages, progress=progress, max_nfev=max_nfev)
+    profile = _profile(pattern, excluded)
+    recipe = Recipe(profile, structure, instrument, **options)
+    if not lebail_start:
+        return recipe.refine(stages=stages, progress=progress, max_nfev=max_nfev)
+    from xtalsolve.refine.lebail import lebail_recipe, refine_lebail
+
+    t0 = time.perf_counter()
+    pre = lebail_recipe(profile, structure, instrument, **options)
+    refine_lebail(pre, cycles=4)
+    for p in pre.parameters:
+        if p.group in ("lattice", "zero") and p.name in recipe.parameters:
+            recipe.parameters[p.name].value = p.value
+    record = {"stage": "lebail start", "rwp": pre.rwp(), "n_free": len(pre.parameters.free),
+              "seconds": round(time.perf_counter() - t0, 2)}
+    if progress is not None:
+        progress(record)
+    result = recipe.refine(stages=stages, progress=progress, max_nfev=max_nfev, scan=False)
+    result.stages.insert(0, record)
+    result.seconds += record["seconds"]
+    return result
 
 
-def lebail(pattern: Pattern | Profile, structure: Structure, instrument: Instrument | None = None, *,
+def lebail(pattern: Pattern | Profile, structure: Structure | list[Structure], instrument: Instrument | None = None, *,
            cycles: int = 8, progress=None, excluded=(), **options) -> RefinementResult:
     """Le Bail fit of the cell and space group of ``structure`` (atoms ignored)."""
     from xtalsolve.refine.lebail import lebail_recipe, refine_lebail

@@ -52,8 +52,9 @@ def refine_lebail(
 
 
 def _repartition(recipe: Recipe, rounds: int = 3) -> None:
-    """I_k <- I_k * I_obs,k / I_calc,k (a few rounds: each is one fixed-point step), scale folded in."""
+    """I_k <- I_k * I_obs,k / I_calc,k for every phase (a few rounds: each is one fixed-point step), scale
+    folded in."""
     for _ in range(rounds):
-        _, obs, calc = recipe.partition()
-        factor = np.where(calc > 1e-12 * max(calc.max(), 1e-300), np.clip(obs, 0.0, None) / np.maximum(calc, 1e-300), 1.0)
-        recipe.lebail_intensity = recipe.lebail_intensity * torch.as_tensor(factor)
+        for phase, (_, obs, calc) in zip(recipe.phases, recipe.partition_all()):
+            factor = np.where(calc > 1e-12 * max(calc.max(), 1e-300), np.clip(obs, 0.0, None) / np.maximum(calc, 1e-300), 1.0)
+            phase.lebail_intensity = phase.lebail_intensity * torch.as_tensor(factor)

@@ -1,49 +1,40 @@
-"""Rietveld recipe: a data profile, a forward model with its background and scale, a weighted residual, and
-symmetry-constrained parameters refined in stages by SciPy least squares with an exact (forward-mode autograd)
-Jacobian, in the spirit of a diffpy.srfit FitRecipe.
+"""Rietveld recipe: a data profile, one contribution per crystalline phase (refine/phase.py) on a shared
+background and instrument, a weighted residual, and symmetry-constrained parameters refined in stages by SciPy
+least squares with an exact (forward-mode autograd) Jacobian, in the spirit of a diffpy.srfit FitRecipe.
 
 Model (2theta in degrees):
-    y_calc(x) = s * sum_lines r_l sum_k m_k |F_k|^2 LP_k P_k(r_MD) Phi(x - 2theta_k - Z - D cos(theta_k)) + sum_n c_n T_n(x~)
+    y_calc(x) = sum_phases s_p sum_lines r_l sum_k m_k |F_k|^2 LP_k P_k(r_MD) A_k(x) Phi(x - 2theta_k - Z - D cos(theta_k))
+                + sum_n c_n T_n(x~)
 with Chebyshev T_n on x rescaled to [-1, 1], zero shift Z (deg), sample displacement D = -2 s / R (s in mm,
-R the goniometer radius) and the March-Dollase factor P_k averaged over the equivalent reflections of k.
+R the goniometer radius), the March-Dollase factor P_k averaged over the equivalent reflections of k and the
+Berar-Baldinozzi axial-divergence asymmetry A_k (physics.profiles.berar_baldinozzi; 1 unless refined).
 Reflections are enumerated once per symmetry orbit (|F| is the same on the orbit while the constraints keep
-the symmetry), systematic absences removed, which cuts the work by the multiplicity.
+the symmetry), systematic absences removed, which cuts the work by the multiplicity. Background, Z, D, the
+asymmetry and the Kalpha2/Kalpha1 ratio r_2 are shared; scale, cell, coordinates, B, occupancies, peak widths
+and size belong to each phase. Weight fractions follow Hill & Howard (J. Appl. Cryst. 20, 467 (1987)):
+W_p = s_p (Z M V)_p / sum_q s_q (Z M V)_q, valid because the calculated intensities carry no 1/V^2 factor.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import Structure
 from scipy.optimize import least_squares
 
 from xtalsolve import metrics
-from xtalsolve.crystal.batch import CrystalBatch
 from xtalsolve.errors import XtalsolveError
 from xtalsolve.pattern import Pattern
-from xtalsolve.physics.powder import (
-    Instrument,
-    Reflections,
-    bragg_intensities,
-    enumerate_reflections,
-    peak_shape,
-    render_peaks,
-)
-from xtalsolve.physics.profiles import pseudo_voigt
-from xtalsolve.physics.scattering import check_elements
-from xtalsolve.refine.constraints import (
-    _METRIC_INDEX,
-    LatticeConstraint,
-    Symmetry,
-    site_constraints,
-    symmetrize,
-    symmetry_of,
-)
+from xtalsolve.physics.powder import Instrument
+from xtalsolve.physics.profiles import berar_baldinozzi, pseudo_voigt
+from xtalsolve.refine.constraints import Symmetry, symmetry_of
 from xtalsolve.refine.parameters import Parameter, ParameterSet
+from xtalsolve.refine.phase import Phase, ReflectionSet, reflection_orbits  # noqa: F401  (re-exported)
 
 GONIOMETER_RADIUS_MM = 240.0
 """Default Bragg-Brentano goniometer radius R (mm) for the sample displacement term -2 s cos(theta) / R."""
@@ -53,7 +44,7 @@ STAGES = (
     ("lattice+zero", ("lattice", "zero")),
     ("profile", ("profile", "texture")),
     ("positions", ("positions",)),
-    ("biso", ("biso",)),
+    ("biso", ("biso", "occupancy")),
 )
 """Release order of a Rietveld refinement (each stage keeps the groups released before it)."""
 
@@ -108,257 +99,214 @@ def instrument_for(wavelengths: str | float | tuple, radiation: str = "xray", **
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reflections grouped by symmetry
-
-
-@dataclass
-class ReflectionSet:
-    """One representative hkl per symmetry orbit (absences removed): hkl (H, 3), multiplicity (H,) counted over
-    one Friedel half, and the members of each orbit (for preferred orientation): member_hkl (M, 3) with
-    member_orbit (M,) the orbit index of each."""
-
-    hkl: np.ndarray
-    multiplicity: np.ndarray
-    member_hkl: np.ndarray
-    member_orbit: np.ndarray
-
-
-def reflection_orbits(lattice: np.ndarray, d_min: float, symmetry: Symmetry) -> ReflectionSet:
-    """Reflections with d >= d_min (angstrom) of the cell ``lattice`` grouped into orbits of the Laue group."""
-    hkl = enumerate_reflections(torch.as_tensor(lattice[None]), d_min).hkl[0].numpy()
-    rotations = symmetry.point_rotations
-    images = np.einsum("hi,rij->hrj", hkl, rotations)  # h R for every rotation: the equivalent reflections
-    images = np.concatenate([images, -images], axis=1)
-    codes = images @ np.array([1_000_000, 1_000, 1]) + 0  # lexicographic key (|h| < 500)
-    keys = codes.max(axis=1)
-    # systematic absence: some op (R, t) with h R = h and h.t not an integer
-    fixed = np.all(np.einsum("hi,nij->hnj", hkl, symmetry.rotations) == hkl[:, None, :], axis=2)
-    phase = np.einsum("hi,ni->hn", hkl, symmetry.translations)
-    absent = np.any(fixed & (np.abs(phase - np.round(phase)) > 1e-6), axis=1)
-    hkl, keys = hkl[~absent], keys[~absent]
-    _, first, orbit, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
-    return ReflectionSet(hkl[first], counts.astype(float), hkl, orbit.ravel())
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The recipe
 
 
-class Recipe:
-    """Rietveld (or, with ``lebail=True``, Le Bail) refinement of one phase against one profile.
+def phase_names(structures: list[Structure], names=None) -> list[str]:
+    """Unique labels for the phases (given names, else reduced formulas), safe in file names and parameter names."""
+    raw = list(names) if names is not None else [s.composition.reduced_formula for s in structures]
+    if len(raw) != len(structures):
+        raise XtalsolveError(f"{len(raw)} phase names for {len(structures)} structures", "names")
+    out: list[str] = []
+    for name in raw:
+        clean = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "phase"
+        unique, k = clean, 2
+        while unique in out:
+            unique, k = f"{clean}_{k}", k + 1
+        out.append(unique)
+    return out
 
-    profile: observed data; structure: candidate (idealised to its space group at ``symprec``, angstrom);
-    instrument: wavelengths, radiation and start values of U, V, W, X, Y; n_background: Chebyshev terms;
-    displacement: refine the sample displacement (mm); texture: March-Dollase axis (hkl) or None;
-    profile_params: which of w, v, u, x, y, size, strain the profile stage releases.
+
+def _per_phase(value, i: int):
+    """A per-phase option given once for all phases or as a list with one entry per phase."""
+    return value[i] if isinstance(value, (list, tuple)) else value
+
+
+class Recipe:
+    """Rietveld (or, with ``lebail=True``, Le Bail) refinement of one or more phases against one profile.
+
+    profile: observed data; structures: one pymatgen Structure or a list (one contribution each; each idealised
+    to its space group at ``symprec``, angstrom); instrument: wavelengths, radiation and start values of U, V, W,
+    X, Y; n_background: Chebyshev terms; displacement: refine the sample displacement (mm); texture: March-Dollase
+    axis (hkl) or None (one ratio per phase); profile_params: which of w, v, u, x, y, size, strain the profile
+    stage releases (per phase); biso, size: start values (a list gives one per phase); asymmetry: number of
+    Berar-Baldinozzi terms refined in the profile stage (0, 2 = P1, P2 in 1/tan(theta), or 4); refine_ratio:
+    refine the Kalpha2/Kalpha1 ratio in the profile stage; occupancies: one occupancy per independent site (0-1),
+    released with B; names: phase labels (default: reduced formulas).
     """
 
     def __init__(
         self,
         profile: Profile,
-        structure: Structure,
+        structure: Structure | list[Structure],
         instrument: Instrument,
         n_background: int = 8,
         symprec: float = 0.05,
         displacement: bool = False,
         texture: tuple[int, int, int] | None = None,
         profile_params: tuple[str, ...] = ("w", "v", "u", "x", "size"),
-        biso: float | dict = 0.5,
-        size: float | None = None,
+        biso: float | dict | list = 0.5,
+        size: float | None | list = None,
         lebail: bool = False,
         n_fwhm: float = 20.0,
+        asymmetry: int = 0,
+        refine_ratio: bool = False,
+        occupancies: bool = False,
+        names: list[str] | None = None,
     ):
+        structures = [structure] if isinstance(structure, Structure) else list(structure)
+        if not structures or not all(isinstance(s, Structure) for s in structures):
+            raise XtalsolveError("refinement needs one or more pymatgen Structures", "structure")
+        if asymmetry not in (0, 2, 4):
+            raise XtalsolveError(f"asymmetry must be 0, 2 or 4 Berar-Baldinozzi terms, not {asymmetry!r}", "asymmetry")
         self.profile = profile
         self.instrument = instrument
         self.lebail = lebail
         self.n_fwhm = n_fwhm
         self.n_groups = 8
         self.blur = 0.0  # extra Gaussian FWHM (degrees) used while the lattice is still far off
-        check_elements(np.array([e.Z for e in structure.composition.elements]), instrument.radiation)
-        self.structure = symmetrize(structure, symprec)
-        self.symmetry = symmetry_of(self.structure, 1e-3)
-        self.cell = LatticeConstraint(self.structure.lattice, self.symmetry)
-        self.sites = site_constraints(self.structure, self.symmetry) if not lebail else []
-        self.lines = [(instrument.wavelength, 1.0)]
-        if instrument.wavelength2 is not None:
-            self.lines.append((instrument.wavelength2, instrument.ratio2))
+        self.wavelengths = [instrument.wavelength] + ([instrument.wavelength2] if instrument.wavelength2 else [])
+        labels = phase_names(structures, names)
+        self.phases = [
+            Phase(s, instrument, self.wavelengths, float(profile.x.max()), name=label,
+                  prefix="" if len(structures) == 1 else f"{label}:", symprec=symprec, lebail=lebail, texture=texture)
+            for s, label in zip(structures, labels)
+        ]
         mask = profile.mask
         self._mask = torch.as_tensor(mask)
-        self._grid = torch.as_tensor(profile.x)
+        self._grid = torch.as_tensor(np.ascontiguousarray(profile.x))
         self._y = torch.as_tensor(profile.y[mask])
         self._sigma = torch.as_tensor(profile.sigma[mask])
         span = profile.x.max() - profile.x.min()
         self._chebyshev = torch.as_tensor(
             np.polynomial.chebyshev.chebvander(2.0 * (profile.x - profile.x.min()) / span - 1.0, n_background - 1)
         )
-        self._setup_atoms()
-        self._setup_reflections()
-        self.parameters = self._make_parameters(n_background, displacement, texture, profile_params, biso, size)
-        self._index = {name: i for i, name in enumerate(self.parameters.names())}
+        self.parameters = ParameterSet()
+        ps = self.parameters
+        for n in range(n_background):
+            ps.add(Parameter(f"bkg{n}", 0.0, "background"))
+        ps.add(Parameter("zero", instrument.zero_shift, "zero", (-1.5, 1.5)))
+        if displacement:
+            ps.add(Parameter("displacement", 0.0, "zero", (-2.0, 2.0)))
+        if asymmetry:
+            for k in range(1, 5):
+                ps.add(Parameter(f"asym{k}", 0.0, "profile" if k <= asymmetry else "fixed", (-1.0, 1.0)))
+        if instrument.wavelength2 is not None:
+            ps.add(Parameter("ka2_ratio", instrument.ratio2, "profile" if refine_ratio else "fixed", (0.3, 0.7)))
+        for i, phase in enumerate(self.phases):
+            phase.add_parameters(ps, instrument, profile_params, _per_phase(biso, i) if not isinstance(biso, dict) else biso,
+                                 _per_phase(size, i), occupancies)
+        self.profile_params = tuple(profile_params)
+        self._index = {name: i for i, name in enumerate(ps.names())}
+        for phase in self.phases:
+            phase.bind(self._index)
         self.stages: list[dict] = []
         self.covariance: np.ndarray | None = None
         self.free_names: list[str] = []
 
-    # -- set-up ----------------------------------------------------------------------------------------------
+    # -- the first phase, for one-phase callers -----------------------------------------------------------------
 
-    def _setup_atoms(self):
-        """P1 atom list (one entry per species of each site) and the linear map from coordinates to frac."""
-        rows, numbers, occupancy, elements = [], [], [], []
-        for i, site in enumerate(self.structure):
-            for species, occ in site.species.items():
-                rows.append(i)
-                numbers.append(species.Z)
-                occupancy.append(occ)
-                elements.append(species.symbol if hasattr(species, "symbol") else species.element.symbol)
-        self._atom_site = np.array(rows)
-        self.element_names = sorted(set(elements), key=elements.index)
-        self._atom_element = torch.as_tensor([self.element_names.index(e) for e in elements])
-        self._numbers = torch.as_tensor(numbers)[None]
-        self._occupancy = torch.as_tensor(occupancy, dtype=torch.float64)[None]
-        self._frac0 = torch.as_tensor(self.structure.frac_coords[self._atom_site])
-        n_free = sum(len(s.names) for s in self.sites)
-        site_map = np.zeros((len(self.structure), 3, n_free))
-        column = 0
-        for s in self.sites:
-            r = len(s.names)
-            site_map[s.members, :, column : column + r] = s.matrices
-            column += r
-        self._coord_map = torch.as_tensor(site_map[self._atom_site])  # (atoms, 3, free coordinates)
+    @property
+    def structure(self) -> Structure:
+        return self.phases[0].structure
 
-    def _setup_reflections(self):
-        lam_max = max(wl for wl, _ in self.lines)
-        two_theta_max = min(float(self.profile.x.max()) + 3.0, 179.0)
-        d_min = 0.96 * lam_max / (2.0 * math.sin(math.radians(two_theta_max) / 2.0))  # margin for a growing cell
-        d_min = max(d_min, 0.5 * lam_max * 1.0001)
-        self.reflections = reflection_orbits(self.structure.lattice.matrix, d_min, self.symmetry)
-        hkl = torch.as_tensor(self.reflections.hkl)
-        self._refl = Reflections(hkl[None], torch.ones(1, len(hkl), dtype=torch.bool))
-        self._hkl = hkl.double()
-        self._mult = torch.as_tensor(self.reflections.multiplicity)
-        self._member_hkl = torch.as_tensor(self.reflections.member_hkl).double()
-        self._member_orbit = torch.as_tensor(self.reflections.member_orbit)
-        self.lebail_intensity = torch.ones(len(hkl), dtype=torch.float64)
+    @property
+    def symmetry(self) -> Symmetry:
+        return self.phases[0].symmetry
 
-    def _make_parameters(self, n_background, displacement, texture, profile_params, biso, size) -> ParameterSet:
-        ps = ParameterSet()
-        ps.add(Parameter("scale", 1.0, "scale", (0.0, math.inf)))
-        for n in range(n_background):
-            ps.add(Parameter(f"bkg{n}", 0.0, "background"))
-        for name, value in zip(self.cell.names, self.cell.start):
-            bounds = (0.7 * value, 1.4 * value) if name in ("G11", "G22", "G33") else (-math.inf, math.inf)
-            ps.add(Parameter(f"lattice.{name}", value, "lattice", bounds))
-        ps.add(Parameter("zero", self.instrument.zero_shift, "zero", (-1.5, 1.5)))
-        if displacement:
-            ps.add(Parameter("displacement", 0.0, "zero", (-2.0, 2.0)))
-        inst = self.instrument
-        start = {"w": inst.w, "v": inst.v, "u": inst.u, "x": inst.x, "y": inst.y, "size": size or 2000.0, "strain": 0.0}
-        bounds = {"w": (1e-6, 1.0), "v": (-1.0, 1.0), "u": (-0.5, 2.0), "x": (0.0, 1.0), "y": (0.0, 1.0),
-                  "size": (20.0, 1e5), "strain": (0.0, 0.05)}
-        self.profile_params = tuple(profile_params)
-        for name in ("w", "v", "u", "x", "y", "size", "strain"):
-            ps.add(Parameter(name, start[name], "profile" if name in profile_params else "fixed", bounds[name]))
-        if texture is not None:
-            self.texture_axis = torch.as_tensor(texture, dtype=torch.float64)
-            ps.add(Parameter("march_dollase", 1.0, "texture", (0.3, 3.0)))
-        for s in self.sites:
-            for name, value in zip(s.names, s.start):
-                ps.add(Parameter(f"{s.label}.{name}", value, "positions", (value - 0.1, value + 0.1)))
-        for element in self.element_names if not self.lebail else []:
-            value = biso.get(element, 0.5) if isinstance(biso, dict) else biso
-            ps.add(Parameter(f"B.{element}", value, "biso", (-1.0, 12.0)))
-        return ps
+    @property
+    def cell(self):
+        return self.phases[0].cell
+
+    @property
+    def sites(self):
+        return self.phases[0].sites
+
+    @property
+    def reflections(self) -> ReflectionSet:
+        return self.phases[0].reflections
+
+    @property
+    def element_names(self) -> list[str]:
+        return self.phases[0].element_names
+
+    @property
+    def lebail_intensity(self) -> torch.Tensor:
+        return self.phases[0].lebail_intensity
+
+    @lebail_intensity.setter
+    def lebail_intensity(self, value: torch.Tensor) -> None:
+        self.phases[0].lebail_intensity = value
+
+    def lattice_of(self, full: torch.Tensor) -> torch.Tensor:
+        """(3, 3) cell of the first phase (rows a, b, c; angstrom)."""
+        return self.phases[0].lattice_of(full)
+
+    def frac_of(self, full: torch.Tensor) -> torch.Tensor:
+        return self.phases[0].frac_of(full)
+
+    def _march_dollase(self, full: torch.Tensor, lattice: torch.Tensor) -> torch.Tensor:
+        return self.phases[0].march_dollase(full, lattice)
 
     # -- the forward model -----------------------------------------------------------------------------------
 
     def _p(self, full: torch.Tensor, name: str) -> torch.Tensor:
         return full[self._index[name]]
 
-    def lattice_of(self, full: torch.Tensor) -> torch.Tensor:
-        """(3, 3) cell (rows a, b, c; angstrom) from the metric parameters, by Cholesky."""
-        idx = [self._index[f"lattice.{n}"] for n in self.cell.names]
-        p = full[idx]
-        basis = torch.as_tensor(self.cell.basis)
-        g6 = torch.as_tensor(self.cell.metric0) + basis @ (p - torch.as_tensor(self.cell.start))
-        rows = [[g6[_METRIC_INDEX.index((min(i, j), max(i, j)))] for j in range(3)] for i in range(3)]
-        metric = torch.stack([torch.stack(r) for r in rows])
-        factor, info = torch.linalg.cholesky_ex(metric)
-        if int(info) != 0:  # a trial step left the metric indefinite: lift its spectrum just enough; the cell is
-            # then badly wrong, the residual large, and the trust region steps back instead of the fit crashing
-            lift = (1e-3 - torch.linalg.eigvalsh(metric.detach()).min()).clamp(min=0.0)
-            factor = torch.linalg.cholesky(metric + lift * torch.eye(3, dtype=metric.dtype))
-        return factor
+    def lines(self, full: torch.Tensor) -> list[tuple[float, torch.Tensor | float]]:
+        """(wavelength in angstrom, relative weight) of each line; the Kalpha2 weight is a parameter."""
+        if len(self.wavelengths) == 1:
+            return [(self.wavelengths[0], 1.0)]
+        return [(self.wavelengths[0], 1.0), (self.wavelengths[1], self._p(full, "ka2_ratio"))]
 
-    def frac_of(self, full: torch.Tensor) -> torch.Tensor:
-        """(atoms, 3) fractional coordinates from the free coordinate parameters."""
-        names = [f"{s.label}.{n}" for s in self.sites for n in s.names]
-        if not names:
-            return self._frac0
-        idx = [self._index[n] for n in names]
-        start = torch.as_tensor(np.concatenate([s.start for s in self.sites]))
-        return self._frac0 + self._coord_map @ (full[idx] - start)
+    def shift(self, full: torch.Tensor):
+        """theta (rad) -> peak shift (deg 2theta) from the zero shift and the sample displacement."""
+        zero = self._p(full, "zero")
+        if "displacement" not in self._index:
+            return lambda theta: zero
+        disp = self._p(full, "displacement")
+        return lambda theta: zero - torch.rad2deg(2.0 * disp * torch.cos(theta) / GONIOMETER_RADIUS_MM)
 
-    def _theta(self, lattice: torch.Tensor, wavelength: float) -> torch.Tensor:
-        g2 = torch.einsum("hi,ij,hj->h", self._hkl, torch.linalg.inv(lattice @ lattice.T), self._hkl)
-        return torch.asin(torch.clamp(0.5 * wavelength * torch.sqrt(g2), max=1.0 - 1e-9))
+    def asymmetry(self, full: torch.Tensor):
+        """The four Berar-Baldinozzi coefficients, or None when asymmetry is not modelled."""
+        if "asym1" not in self._index:
+            return None
+        return [self._p(full, f"asym{k}") for k in range(1, 5)]
 
-    def _march_dollase(self, full: torch.Tensor, lattice: torch.Tensor) -> torch.Tensor:
-        """March-Dollase factor of every orbit, averaged over its member reflections."""
-        r = self._p(full, "march_dollase")
-        recip = torch.linalg.inv(lattice).T  # rows: reciprocal vectors (without 2 pi)
-        normals = self._member_hkl @ recip
-        axis = self.texture_axis @ recip
-        cos2 = (normals * axis).sum(-1) ** 2 / ((normals**2).sum(-1) * (axis**2).sum())
-        factor = (r * r * cos2 + (1.0 - cos2) / r) ** -1.5
-        total = torch.zeros(len(self._mult), dtype=factor.dtype).index_add(0, self._member_orbit, factor)
-        counts = torch.zeros(len(self._mult), dtype=factor.dtype).index_add(0, self._member_orbit, torch.ones_like(factor))
-        return total / counts
-
-    def peaks(self, full: torch.Tensor):
-        """Per line: (centres (H,) deg, areas (H,) before the scale, fwhm (H,), eta (H,))."""
-        lattice = self.lattice_of(full)
-        prof = {k: self._p(full, k) for k in ("u", "v", "w", "x", "y")}
-        prof["w"] = prof["w"] + self.blur**2
-        size, strain = self._p(full, "size"), self._p(full, "strain")
-        texture = self._march_dollase(full, lattice) if "march_dollase" in self._index else 1.0
-        out = []
-        if not self.lebail:
-            batch = CrystalBatch(lattice[None], self.frac_of(full)[None], self._numbers, self._occupancy)
-            biso = torch.stack([self._p(full, f"B.{e}") for e in self.element_names])[self._atom_element][None]
-        for wavelength, weight in self.lines:
-            if self.lebail:
-                theta = self._theta(lattice, wavelength)
-                area = self.lebail_intensity * weight
-            else:
-                theta, intensity = bragg_intensities(batch, self._refl, wavelength, biso, self.instrument.radiation,
-                                                     monochromator_2theta=self.instrument.monochromator_2theta)
-                theta, area = theta[0], intensity[0] * self._mult * weight
-            fwhm, eta = peak_shape(theta[None], wavelength, self.instrument, size=size, strain=strain, **prof)
-            shift = self._p(full, "zero")
-            if "displacement" in self._index:
-                shift = shift - torch.rad2deg(2.0 * self._p(full, "displacement") * torch.cos(theta) / GONIOMETER_RADIUS_MM)
-            out.append((torch.rad2deg(2.0 * theta) + shift, area * texture, fwhm[0], eta[0]))
-        return out
+    def peaks(self, full: torch.Tensor, phase: Phase | None = None):
+        """Per line: (centres (H,) deg, areas (H,) before the scale, fwhm (H,), eta (H,)) of one phase."""
+        phase = phase or self.phases[0]
+        return phase.peaks(full, self.instrument, self.lines(full), self.shift(full), self.blur)
 
     def background(self, full: torch.Tensor) -> torch.Tensor:
         coeffs = torch.stack([self._p(full, f"bkg{n}") for n in range(self._chebyshev.shape[1])])
         return self._chebyshev @ coeffs
 
-    def bragg_profile(self, full: torch.Tensor) -> torch.Tensor:
-        """Unscaled Bragg part on the full grid."""
-        # both lines in one call, and peaks grouped by window size: render_peaks sizes one window for all peaks
-        # from the widest, so grouping keeps the sharp low-angle peaks from paying for the broad high-angle ones
-        centres, areas, fwhm, eta = (torch.cat(parts) for parts in zip(*self.peaks(full)))
+    def phase_profile(self, full: torch.Tensor, phase: Phase) -> torch.Tensor:
+        """Unscaled Bragg part of one phase on the full grid."""
+        # both lines in one call, and peaks grouped by window size: a window is sized for the widest peak of its
+        # group, so grouping keeps the sharp low-angle peaks from paying for the broad high-angle ones
+        centres, areas, fwhm, eta = (torch.cat(parts) for parts in zip(*self.peaks(full, phase)))
+        asym = self.asymmetry(full)
         reach = (fwhm * (3.0 + self.n_fwhm * eta)).detach()
         order = torch.argsort(reach)
         total = torch.zeros_like(self._grid)
         for group in torch.tensor_split(order, max(1, min(self.n_groups, len(order) // 40))):
-            total = total + render_peaks(self._grid, centres[group][None], areas[group][None], fwhm[group][None],
-                                         eta[group][None], self.n_fwhm)[0]
+            index, values = peak_windows(self._grid, centres[group], areas[group], fwhm[group], eta[group],
+                                         self.n_fwhm, asym)
+            total = total.index_add(0, index.reshape(-1), values.reshape(-1))
         return total
+
+    def bragg_profile(self, full: torch.Tensor) -> torch.Tensor:
+        """Bragg part on the full grid: the first phase unscaled for one phase, else the scaled sum."""
+        if len(self.phases) == 1:
+            return self.phase_profile(full, self.phases[0])
+        return sum(phase.p(full, "scale") * self.phase_profile(full, phase) for phase in self.phases)
 
     def calculate(self, full: torch.Tensor) -> torch.Tensor:
         """y_calc on the full grid."""
-        return self._p(full, "scale") * self.bragg_profile(full) + self.background(full)
+        bragg = sum(phase.p(full, "scale") * self.phase_profile(full, phase) for phase in self.phases)
+        return bragg + self.background(full)
 
     # -- least squares ---------------------------------------------------------------------------------------
 
@@ -376,23 +324,26 @@ class Recipe:
 
     def jacobian(self, x: np.ndarray) -> np.ndarray:
         """Exact Jacobian of the weighted residual: forward-mode autograd for the non-linear parameters (one
-        column each), the linear ones (scale, Chebyshev coefficients) in closed form."""
+        column each), the linear ones (phase scales, Chebyshev coefficients) in closed form."""
         t = torch.as_tensor(x)
         free = self.parameters.free
         linear = [i for i, p in enumerate(free) if p.group in ("scale", "background")]
         other = torch.as_tensor([i for i in range(len(free)) if i not in linear], dtype=torch.long)
         jac = np.empty((int(self._mask.sum()), len(free)))
         if len(other):
-            sub = lambda v: self._residual_t(t.scatter(0, other, v))
+            sub = lambda v: self._residual_t(t.scatter(0, other, v))  # noqa: E731
             jac[:, other.numpy()] = torch.func.jacfwd(sub)(t[other]).numpy()
         if linear:
+            scales = {phase.prefix + "scale": phase for phase in self.phases}
             with torch.no_grad():
                 full = self._full(t)
-                bragg = self.bragg_profile(full)[self._mask] if any(free[i].name == "scale" for i in linear) else None
-            for i in linear:
-                name = free[i].name
-                column = bragg if name == "scale" else self._chebyshev[self._mask, int(name[3:])]
-                jac[:, i] = -(column / self._sigma).numpy()
+                for i in linear:
+                    name = free[i].name
+                    if name in scales:
+                        column = self.phase_profile(full, scales[name])[self._mask]
+                    else:
+                        column = self._chebyshev[self._mask, int(name[3:])]
+                    jac[:, i] = -(column / self._sigma).numpy()
         return jac
 
     def current(self) -> torch.Tensor:
@@ -418,7 +369,8 @@ class Recipe:
     # -- starting values -------------------------------------------------------------------------------------
 
     def initialise(self) -> None:
-        """Background from the lower envelope, W from the narrowest strong peak, scale from the peak area."""
+        """Background from the lower envelope, W from the narrowest strong peak, scales from the peak area
+        (shared equally among the phases)."""
         x, y = self.profile.x, self.profile.y
         step = float(np.median(np.diff(x)))
         window = max(3, round(1.5 / step))
@@ -430,26 +382,29 @@ class Recipe:
         for n, c in enumerate(coeffs):
             self.parameters[f"bkg{n}"].value = float(c)
         net = y - cheb @ coeffs
+        area = np.sum(np.clip(net, 0, None)[self.profile.mask])
         if "w" in self.profile_params:
             fwhm = _strongest_peak_fwhm(x, net)
-            self.parameters["w"].value = float(np.clip(0.6 * fwhm**2, 1e-5, 0.5))
-        with torch.no_grad():
-            bragg = self.bragg_profile(self.current()).numpy()
-        area = np.sum(np.clip(net, 0, None)[self.profile.mask])
-        self.parameters["scale"].value = float(area / max(np.sum(bragg[self.profile.mask]), 1e-300))
+            for phase in self.phases:
+                self.parameters[phase.prefix + "w"].value = float(np.clip(0.6 * fwhm**2, 1e-5, 0.5))
+        for phase in self.phases:
+            with torch.no_grad():
+                bragg = self.phase_profile(self.current(), phase).numpy()
+            share = area / len(self.phases)
+            self.parameters[phase.prefix + "scale"].value = float(share / max(np.sum(bragg[self.profile.mask]), 1e-300))
 
     def _correlation(self, net: np.ndarray, full: torch.Tensor) -> float:
         m = self.profile.mask
         with torch.no_grad():
-            calc = self.bragg_profile(full).numpy()[m]
+            calc = (self.calculate(full) - self.background(full)).numpy()[m]
         return float(np.corrcoef(calc, net[m])[0, 1])
 
     def scan_cell(self, span: float = 0.05, step: float = 0.001, axis_span: float = 0.025, passes: int = 0) -> float:
-        """Coarse search before the least squares, whose basin is about one peak width wide: the isotropic cell
-        factor, then each cell length on its own (coordinate-wise, ``passes`` times), maximising the
-        correlation of the broadened model with the net data. Returns the isotropic factor applied."""
+        """Coarse search before the least squares, whose basin is about one peak width wide: for each phase in
+        turn, the isotropic cell factor, then each cell length on its own (coordinate-wise, ``passes`` times),
+        maximising the correlation of the broadened model with the net data. Returns the isotropic factor
+        applied to the first phase."""
         net = self.profile.y - self.background(self.current()).detach().numpy()
-        names = [f"lattice.{n}" for n in self.cell.names]
         old_blur, self.blur = self.blur, max(self.blur, 0.15)
 
         def best_of(factors, apply):
@@ -460,52 +415,98 @@ class Recipe:
                 scores.append(self._correlation(net, full))
             return factors[int(np.argmax(scores))]
 
-        start = {n: self.parameters[n].value for n in names}
+        factors = []
+        for phase in self.phases:
+            names = phase.lattice_names()
+            start = {n: self.parameters[n].value for n in names}
 
-        def isotropic(full, f):
-            for n in names:  # G = B p is homogeneous: scaling the cell by f scales every parameter by f^2
-                full[self._index[n]] = start[n] * f * f
+            def isotropic(full, f, names=names, start=start):
+                for n in names:  # G = B p is homogeneous: scaling the cell by f scales every parameter by f^2
+                    full[self._index[n]] = start[n] * f * f
 
-        factor = best_of(np.arange(1.0 - span, 1.0 + span + 1e-12, step), isotropic)
-        for n in names:
-            self.parameters[n].value = start[n] * factor**2
-        lengths = [n for n in names if n[-2:] in ("11", "22", "33")]
-        for _ in range(passes if len(lengths) > 1 else 0):
-            for n in lengths:
-                value = self.parameters[n].value
+            factor = best_of(np.arange(1.0 - span, 1.0 + span + 1e-12, step), isotropic)
+            factors.append(factor)
+            for n in names:
+                self.parameters[n].value = start[n] * factor**2
+            lengths = [n for n in names if n[-2:] in ("11", "22", "33")]
+            for _ in range(passes if len(lengths) > 1 else 0):
+                for n in lengths:
+                    value = self.parameters[n].value
 
-                def one_axis(full, f, n=n, value=value):
-                    full[self._index[n]] = value * f * f
+                    def one_axis(full, f, n=n, value=value):
+                        full[self._index[n]] = value * f * f
 
-                self.parameters[n].value = value * best_of(np.arange(1 - axis_span, 1 + axis_span + 1e-12, step),
-                                                           one_axis) ** 2
+                    self.parameters[n].value = value * best_of(np.arange(1 - axis_span, 1 + axis_span + 1e-12, step),
+                                                               one_axis) ** 2
         self.blur = old_blur
-        return float(factor)
+        return float(factors[0])
+
+    def swapped_starts(self, tolerance: float = 0.03) -> list[dict[str, float]]:
+        """Alternative cell starts for pseudo-symmetric cells: for every pair of free cell lengths within
+        ``tolerance`` of each other (e.g. tetragonal BaTiO3, c/a = 1.01), the start with the two exchanged. A
+        start perturbed by more than the splitting may have them in the wrong order, and least squares cannot
+        pass one length through the other; trying both orientations is what a crystallographer would do."""
+        out = []
+        for phase in self.phases:
+            names = [n for n in phase.lattice_names() if n[-2:] in ("11", "22", "33")]
+            for i, a in enumerate(names):
+                for b in names[i + 1 :]:
+                    ga, gb = self.parameters[a].value, self.parameters[b].value
+                    if abs(math.sqrt(ga / gb) - 1.0) < tolerance:
+                        out.append({a: gb, b: ga})
+        return out
 
     # -- the staged refinement -------------------------------------------------------------------------------
 
+    def _lattice_stage(self, max_nfev: int, blur_schedule, scan: bool) -> None:
+        if scan:
+            self.scan_cell()
+        for blur in blur_schedule:  # coarse to fine: broadened peaks widen the basin of the lattice
+            self.blur = blur
+            self.fit(max_nfev=max_nfev // 2)
+        self.blur = 0.0
+        self.fit(max_nfev=max_nfev)
+
     def refine(self, stages=STAGES, progress=None, max_nfev: int = 40, blur_schedule=(0.4, 0.15),
-               scan: bool = True) -> RefinementResult:
-        """Run the stages (each a least-squares call over everything released so far), then the esd's."""
+               scan: bool = True, orientations: bool = True) -> RefinementResult:
+        """Run the stages (each a least-squares call over everything released so far), then the esd's. With
+        ``orientations``, the lattice stage is also run from each swapped start of a pseudo-symmetric cell and
+        the lower Rwp is kept."""
         t0 = time.perf_counter()
         self.initialise()
         self.parameters.fix_all()
         for name, groups in stages:
             self.parameters.release(*groups)
+            record = {"stage": name}
             if "lattice" in groups:
-                if scan:
-                    self.scan_cell()
-                for blur in blur_schedule:  # coarse to fine: broadened peaks widen the basin of the lattice
-                    self.blur = blur
-                    self.fit(max_nfev=max_nfev // 2)
-                self.blur = 0.0
-            self.fit(max_nfev=max_nfev)
-            self.stages.append({"stage": name, "rwp": self.rwp(), "n_free": len(self.parameters.free),
-                                "seconds": round(time.perf_counter() - t0, 2)})
+                saved = self.parameters.values()
+                trials = [{}] + (self.swapped_starts() if orientations else [])
+                best = None
+                for trial in trials:
+                    self._restore(saved)
+                    for key, value in trial.items():
+                        self.parameters[key].value = value
+                    self._lattice_stage(max_nfev, blur_schedule, scan)
+                    rwp = self.rwp()
+                    if best is None or rwp < best[0]:
+                        best = (rwp, self.parameters.values(), trial)
+                self._restore(best[1])
+                if len(trials) > 1:
+                    record["orientations_tried"] = len(trials)
+                    record["swapped"] = sorted(best[2])
+            else:
+                self.fit(max_nfev=max_nfev)
+            record |= {"rwp": self.rwp(), "n_free": len(self.parameters.free),
+                       "seconds": round(time.perf_counter() - t0, 2)}
+            self.stages.append(record)
             if progress is not None:
                 progress(self.stages[-1])
         self._esds()
         return self.result(time.perf_counter() - t0)
+
+    def _restore(self, values: np.ndarray) -> None:
+        for p, v in zip(self.parameters, values):
+            p.value = float(v)
 
     def _esds(self) -> None:
         """esd's = sqrt(diag((J^T W J)^-1) * GoF^2) from the exact Jacobian at the minimum."""
@@ -530,90 +531,102 @@ class Recipe:
                     cov[a, b] = self.covariance[pos[na], pos[nb]]
         return cov
 
+    def _propagate(self, fn, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Values of fn(full) and their esd's, propagated from the covariance of ``names`` by autograd."""
+        base = self.current()
+        idx = torch.as_tensor([self._index[n] for n in names], dtype=torch.long)
+        wrapped = lambda p: fn(base.scatter(0, idx, p))  # noqa: E731
+        values = wrapped(base[idx]).detach().numpy()
+        jac = torch.func.jacrev(wrapped)(base[idx]).numpy()
+        esd = np.sqrt(np.clip(np.diag(jac @ self._cov_of(names) @ jac.T), 0, None))
+        esd[esd < 1e-12 * np.maximum(np.abs(values), 1.0)] = 0.0
+        return values, esd
+
     # -- results ---------------------------------------------------------------------------------------------
 
-    def cell_parameters(self) -> tuple[np.ndarray, np.ndarray]:
+    def cell_parameters(self, phase: Phase | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(a, b, c, alpha, beta, gamma) in angstrom / degrees and their esd's (propagated by autograd)."""
-        names = [f"lattice.{n}" for n in self.cell.names]
-        idx = [self._index[n] for n in names]
-        base = self.current()
-
-        def cell6(p):
-            lat = self.lattice_of(base.scatter(0, torch.as_tensor(idx), p))
-            a, b, c = lat.norm(dim=1)
-            cos = lambda u, v: (u * v).sum() / (u.norm() * v.norm())
-            ang = [torch.rad2deg(torch.acos(cos(lat[1], lat[2]))), torch.rad2deg(torch.acos(cos(lat[0], lat[2]))),
-                   torch.rad2deg(torch.acos(cos(lat[0], lat[1])))]
-            return torch.stack([a, b, c, *ang])
-
-        p = base[idx]
-        values = cell6(p).detach().numpy()
-        jac = torch.func.jacrev(cell6)(p).numpy()
-        esd = np.sqrt(np.clip(np.diag(jac @ self._cov_of(names) @ jac.T), 0, None))
+        phase = phase or self.phases[0]
+        values, esd = self._propagate(phase.cell6, phase.lattice_names())
         esd[esd < 1e-9] = 0.0
         return values, esd
 
-    def refined_structure(self) -> Structure:
-        """The refined structure (pymatgen) in the standard setting of its space group."""
-        full = self.current()
-        with torch.no_grad():
-            frac = self.frac_of(full).numpy()
-        (a, b, c, al, be, ga), _ = self.cell_parameters()
-        coords = np.zeros((len(self.structure), 3))
-        coords[self._atom_site] = frac
-        return Structure(Lattice.from_parameters(a, b, c, al, be, ga), self.structure.species_and_occu, coords % 1.0,
-                         site_properties=None)
+    def weight_fractions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Hill-Howard weight fractions W_p = s_p (Z M V)_p / sum_q s_q (Z M V)_q and their esd's (from the
+        covariance of the scales, cells and occupancies)."""
+        names = [n for phase in self.phases for n in [phase.prefix + "scale", *phase.lattice_names()]
+                 + [phase.prefix + f"occ.{s.label}" for s in phase.sites if phase.refine_occupancy]]
 
-    def site_table(self) -> list[dict]:
-        """Independent sites: label, species/occupancy, fractional x, y, z with esd's, B (angstrom^2) with esd."""
-        rows = []
-        full = self.current()
-        frac = self.frac_of(full).detach().numpy()
-        for s in self.sites:
-            rep = int(s.members[0])
-            names = [f"{s.label}.{n}" for n in s.names]
-            cov = self._cov_of(names)
-            a = s.matrices[0]
-            esd = np.sqrt(np.clip(np.diag(a @ cov @ a.T), 0, None)) if names else np.zeros(3)
-            atom = int(np.where(self._atom_site == rep)[0][0])
-            element = self.element_names[int(self._atom_element[atom])]
-            b = self.parameters[f"B.{element}"] if f"B.{element}" in self else None
-            rows.append({"label": s.label, "species": {str(k): float(v) for k, v in self.structure[rep].species.items()},
-                         "frac": frac[atom].tolist(), "frac_esd": esd.tolist(), "multiplicity": len(s.members),
-                         "biso": None if b is None else b.value, "biso_esd": None if b is None else b.esd})
-        return rows
+        def fractions(full):
+            k = torch.stack([phase.p(full, "scale") * torch.prod(torch.stack(phase.cell_mass_volume(full)))
+                             for phase in self.phases])
+            return k / k.sum()
+
+        return self._propagate(fractions, names)
+
+    def refined_structure(self, phase: Phase | None = None) -> Structure:
+        """The refined structure (pymatgen) in the standard setting of its space group."""
+        return (phase or self.phases[0]).refined_structure(self.current())
+
+    def site_table(self, phase: Phase | None = None) -> list[dict]:
+        return (phase or self.phases[0]).site_table(self.current(), self.parameters, self._cov_of)
 
     def __contains__(self, name: str) -> bool:
         return name in self._index
 
-    def partition(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rietveld partition of the observed net intensity among the reflection orbits (Le Bail's formula):
-        I_obs,k = sum_i c_k(x_i) (y_obs,i - y_b,i) / (y_calc,i - y_b,i), with c_k the calculated contribution
-        of orbit k (all lines, scaled). Returns (2theta of line 1 in degrees, I_obs, I_calc), all orbits."""
+    def partition_all(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Rietveld partition of the observed net intensity among the reflection orbits of every phase (Le
+        Bail's formula): I_obs,k = sum_i c_k(x_i) (y_obs,i - y_b,i) / (y_calc,i - y_b,i), with c_k the calculated
+        contribution of orbit k (all lines, scaled). Per phase: (2theta of line 1 in degrees, I_obs, I_calc)."""
         full = self.current()
         with torch.no_grad():
             y_calc = self.calculate(full).numpy()
             bg = self.background(full).numpy()
-            scale = float(self._p(full, "scale"))
-            peaks = self.peaks(full)
-        obs = np.zeros(len(self._mult))
-        calc = np.zeros(len(self._mult))
-        m = self.profile.mask
-        net_calc = y_calc - bg
-        safe = np.abs(net_calc) > 1e-9 * max(np.abs(net_calc).max(), 1e-300)
-        ratio = np.where(m & safe, (self.profile.y - bg) / np.where(safe, net_calc, 1.0), 0.0)
-        for centres, areas, fwhm, eta in peaks:
-            index, values = _peak_windows(self._grid, centres, areas * scale, fwhm, eta, self.n_fwhm)
-            calc += (values * m[index]).sum(1)
-            obs += (values * ratio[index]).sum(1)
-        return peaks[0][0].numpy(), obs, calc
+            asym = self.asymmetry(full)
+            out = []
+            m = self.profile.mask
+            net_calc = y_calc - bg
+            safe = np.abs(net_calc) > 1e-9 * max(np.abs(net_calc).max(), 1e-300)
+            ratio = np.where(m & safe, (self.profile.y - bg) / np.where(safe, net_calc, 1.0), 0.0)
+            for phase in self.phases:
+                scale = float(phase.p(full, "scale"))
+                peaks = self.peaks(full, phase)
+                obs = np.zeros(len(phase._mult))
+                calc = np.zeros(len(phase._mult))
+                for centres, areas, fwhm, eta in peaks:
+                    index, values = peak_windows(self._grid, centres, areas * scale, fwhm, eta, self.n_fwhm, asym)
+                    index, values = index.numpy(), values.numpy()
+                    calc += (values * m[index]).sum(1)
+                    obs += (values * ratio[index]).sum(1)
+                out.append((peaks[0][0].numpy(), obs, calc))
+        return out
 
-    def reflection_table(self) -> dict:
+    def partition(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The Rietveld partition of the first phase (see :meth:`partition_all`)."""
+        return self.partition_all()[0]
+
+    def reflection_table(self, phase_index: int = 0, partitions=None) -> dict:
         """Line-1 reflections inside the data range: 2theta, hkl, I_calc and the partitioned I_obs."""
-        two_theta, obs, calc = self.partition()
+        two_theta, obs, calc = (partitions or self.partition_all())[phase_index]
         inside = (two_theta >= self.profile.x.min()) & (two_theta <= self.profile.x.max()) & (calc > 0)
-        return {"two_theta": two_theta[inside], "hkl": self.reflections.hkl[inside], "i_calc": calc[inside],
-                "i_obs": obs[inside]}
+        return {"two_theta": two_theta[inside], "hkl": self.phases[phase_index].reflections.hkl[inside],
+                "i_calc": calc[inside], "i_obs": obs[inside]}
+
+    def rwp_contributions(self) -> np.ndarray:
+        """Each phase's share of Rwp: sqrt(sum_i w_i (y_o - y_c)_i^2 f_p,i / sum_i w_i y_o,i^2), f_p,i = the
+        phase's fraction of the calculated Bragg intensity at point i; their squares add up to Rwp^2 less the
+        share of points where no phase has intensity."""
+        full = self.current()
+        m = self.profile.mask
+        with torch.no_grad():
+            parts = np.array([float(phase.p(full, "scale")) * self.phase_profile(full, phase).numpy()
+                              for phase in self.phases])[:, m]
+            y_calc = self.calculate(full).numpy()[m]
+        total = parts.sum(0)
+        share = np.where(total > 1e-12 * max(total.max(), 1e-300), parts / np.where(total > 0, total, 1.0), 0.0)
+        w = 1.0 / self.profile.sigma[m] ** 2
+        y = self.profile.y[m]
+        return np.sqrt((share * w * (y - y_calc) ** 2).sum(1) / (w * y * y).sum())
 
     def result(self, seconds: float) -> RefinementResult:
         m = self.profile.mask
@@ -623,23 +636,69 @@ class Recipe:
             bg = self.background(full).numpy()
         n_free = len(self.parameters.free)
         y, s = self.profile.y[m], self.profile.sigma[m]
-        table = self.reflection_table()
-        r_bragg = metrics.r_bragg(table["i_obs"], table["i_calc"]) if len(table["i_obs"]) and not self.lebail else None
-        cell, cell_esd = self.cell_parameters()
-        spacegroup = symmetry_of(self.refined_structure(), 1e-3) if not self.lebail else self.symmetry
+        partitions = self.partition_all()
+        fractions, fraction_esd = self.weight_fractions() if not self.lebail else (np.ones(len(self.phases)) / len(self.phases), np.zeros(len(self.phases)))
+        contributions = self.rwp_contributions()
+        phases = []
+        for i, phase in enumerate(self.phases):
+            table = self.reflection_table(i, partitions)
+            r_bragg = metrics.r_bragg(table["i_obs"], table["i_calc"]) if len(table["i_obs"]) and not self.lebail else None
+            cell, cell_esd = self.cell_parameters(phase)
+            structure = self.refined_structure(phase)
+            spacegroup = symmetry_of(structure, 1e-3) if not self.lebail else phase.symmetry
+            scale = self.parameters[phase.prefix + "scale"]
+            phases.append(PhaseResult(
+                name=phase.name, structure=structure, space_group=f"{spacegroup.symbol} ({spacegroup.number})",
+                symmetry=phase.symmetry, cell=cell, cell_esd=cell_esd,
+                sites=self.site_table(phase) if not self.lebail else [], r_bragg=r_bragg,
+                weight_fraction=float(fractions[i]), weight_fraction_esd=float(fraction_esd[i]),
+                rwp_contribution=float(contributions[i]), scale=scale.value, scale_esd=scale.esd,
+                ticks=table["two_theta"], tick_hkl=table["hkl"]))
+        first = phases[0]
         return RefinementResult(
-            structure=self.refined_structure(),
-            space_group=f"{spacegroup.symbol} ({spacegroup.number})",
-            symmetry=self.symmetry,
-            cell=cell, cell_esd=cell_esd, sites=self.site_table() if not self.lebail else [],
+            structure=first.structure, space_group=first.space_group, symmetry=first.symmetry,
+            cell=first.cell, cell_esd=first.cell_esd, sites=first.sites,
             rwp=metrics.rwp(y, y_calc[m], s), rp=metrics.rp(y, y_calc[m]),
-            gof=metrics.gof(y, y_calc[m], s, n_free), r_bragg=r_bragg,
+            gof=metrics.gof(y, y_calc[m], s, n_free), r_bragg=first.r_bragg,
             r_expected=metrics.r_expected(y, s, n_free),
             parameters=self.parameters.as_dict(), stages=list(self.stages), seconds=seconds,
             x=self.profile.x, y_obs=self.profile.y, y_calc=y_calc, background=bg, mask=m,
-            ticks=table["two_theta"], tick_hkl=table["hkl"], wavelengths=[wl for wl, _ in self.lines],
-            mode="lebail" if self.lebail else "rietveld",
+            ticks=first.ticks, tick_hkl=first.tick_hkl, wavelengths=list(self.wavelengths),
+            mode="lebail" if self.lebail else "rietveld", phases=phases,
         )
+
+
+@dataclass
+class PhaseResult:
+    """One phase of a refinement: its refined structure, space group, cell (angstrom, degrees) with esd's,
+    sites, R_Bragg, Hill-Howard weight fraction with esd, share of Rwp, scale and reflection ticks (deg)."""
+
+    name: str
+    structure: Structure
+    space_group: str
+    symmetry: Symmetry
+    cell: np.ndarray
+    cell_esd: np.ndarray
+    sites: list[dict]
+    r_bragg: float | None
+    weight_fraction: float
+    weight_fraction_esd: float
+    rwp_contribution: float
+    scale: float
+    scale_esd: float | None
+    ticks: np.ndarray
+    tick_hkl: np.ndarray
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name, "formula": self.structure.composition.reduced_formula,
+            "space_group": self.space_group, "weight_fraction": self.weight_fraction,
+            "weight_fraction_esd": self.weight_fraction_esd, "rwp_contribution": self.rwp_contribution,
+            "r_bragg": self.r_bragg, "scale": self.scale, "scale_esd": self.scale_esd,
+            "cell": dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), self.cell.tolist())),
+            "cell_esd": dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), self.cell_esd.tolist())),
+            "sites": self.sites,
+        }
 
 
 @dataclass
@@ -669,6 +728,7 @@ class RefinementResult:
     tick_hkl: np.ndarray
     wavelengths: list[float]
     mode: str = "rietveld"
+    phases: list[PhaseResult] = field(default_factory=list)
 
     def summary(self) -> dict:
         """Plain data for summary.json."""
@@ -684,6 +744,7 @@ class RefinementResult:
             "stages": self.stages,
             "wavelengths_A": self.wavelengths,
             "seconds": round(self.seconds, 2),
+            "phases": [phase.summary() for phase in self.phases],
         }
 
 
@@ -700,16 +761,20 @@ def _strongest_peak_fwhm(x: np.ndarray, y: np.ndarray) -> float:
     return float(max(x[hi] - x[lo], 2 * np.median(np.diff(x))))
 
 
-def _peak_windows(grid, centres, areas, fwhm, eta, n_fwhm):
-    """Per-peak values on their windows, as render_peaks lays them out: index (H, W) and values (H, W), numpy.
-    Needed separately from render_peaks for the Rietveld partition of observed intensity among reflections."""
+def peak_windows(grid, centres, areas, fwhm, eta, n_fwhm, asymmetry=None):
+    """Per-peak values on windows of +-(3 + n_fwhm eta) FWHM of the widest peak (as physics.powder.render_peaks
+    lays them out): index (H, W) into ``grid`` and values (H, W), zero outside the grid. ``asymmetry``: the four
+    Berar-Baldinozzi coefficients (or None). Written here rather than calling render_peaks because the asymmetry
+    multiplies each window and the Rietveld partition needs the per-peak values."""
     step = float(torch.min(torch.diff(grid)))
-    reach = float((fwhm * (3.0 + n_fwhm * eta)).max()) if len(fwhm) else 0.0
+    reach = float((fwhm * (3.0 + n_fwhm * eta)).detach().max()) if len(fwhm) else 0.0
     half = min(math.ceil(reach / step), len(grid))
     offsets = torch.arange(-half, half + 1)
-    index = torch.searchsorted(grid, centres.contiguous()).unsqueeze(-1) + offsets
+    index = torch.searchsorted(grid, centres.detach().contiguous()).unsqueeze(-1) + offsets
     inside = (index >= 0) & (index < len(grid))
     index = index.clamp(0, len(grid) - 1)
-    values = pseudo_voigt(grid[index] - centres.unsqueeze(-1), fwhm.unsqueeze(-1), eta.unsqueeze(-1))
-    values = values * areas.unsqueeze(-1) * inside
-    return index.numpy(), values.numpy()
+    dx = grid[index] - centres.unsqueeze(-1)
+    values = pseudo_voigt(dx, fwhm.unsqueeze(-1), eta.unsqueeze(-1))
+    if asymmetry is not None:
+        values = values * berar_baldinozzi(dx, fwhm.unsqueeze(-1), centres.unsqueeze(-1), *asymmetry)
+    return index, values * areas.unsqueeze(-1) * inside
