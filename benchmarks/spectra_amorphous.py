@@ -1,0 +1,183 @@
+"""Si K spectra -> first shell on the amorphous-silica test set (never trained on), beside the crystalline scores.
+
+Inputs (all committed): the melt-quench glasses ``data/amorphous/glass_s*.cif``, their FEFF10 Si K library
+``data/amorphous/library_Si_K_glass.npz`` and the crystalline FEFF10 cache ``data/feff_cache/spectra_si_k.tar.gz``
+(unpacked to a temporary folder and read with the same ``build_library`` as the glass spectra).
+
+1. every glass: Si coordination, mean Si-O, O-Si-O / Si-O-Si angles, neutron S(Q) (Q 0.8-20 1/angstrom) and G(r)
+   (r 1 - L/2 angstrom, Qmax 20) against the measured ISIS data (``../shared/data/amorphous``);
+2. template matching (k = 5) with the crystalline training split as templates: crystalline test split,
+   crystalline leave-one-material-out (all materials), amorphous; and with every crystalline spectrum as templates;
+3. the EXAFS-style first-shell fit (FEFF chi of each cluster, no noise, S02 known: optimistic) on the crystalline
+   test split and the amorphous set (one FEFF EXAFS run each; ``--exafs N`` limits the amorphous entries);
+4. the diffusion model when ``--checkpoint`` is given (8 samples per spectrum).
+
+    nice -n 10 python benchmarks/spectra_amorphous.py [--checkpoint cache/edm_Si_K_ft.pt] [--exafs 60]
+
+Prints a table and writes benchmarks/results/spectra_amorphous.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tarfile
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+GLASS_DIR = ROOT / "data" / "amorphous"
+CRYSTAL_CACHE = ROOT / "data" / "feff_cache" / "spectra_si_k.tar.gz"
+MEASURED_SQ = ROOT.parent / "shared" / "data" / "amorphous" / "dissolve_NeutronSiO2sq.dat"
+OUT = ROOT / "benchmarks" / "results" / "spectra_amorphous.json"
+METRICS = ("n", "first_shell_mae_A", "bond_mae_A", "cn_accuracy", "cn_error_rate", "angle_w1_pooled_deg")
+
+
+def glass_checks(path: Path) -> dict:
+    """Network geometry and neutron S(Q) / G(r) agreement of one glass model."""
+    from pymatgen.core import Structure
+
+    from xtalsolve.local.amorphous import agreement, gr_to_sq, network_geometry, neutron_gr, read_sq, sq_to_gr
+
+    s = Structure.from_file(path)
+    q, y, _ = read_sq(MEASURED_SQ)
+    m = (q >= 0.8) & (q <= 20.0)
+    r = np.arange(0.01, 0.5 * min(s.lattice.abc), 0.01)
+    t0 = time.perf_counter()
+    sq = gr_to_sq(r, neutron_gr(s, r, uiso=0.003), q[m])
+    rg = r[r >= 1.0]
+    gr = agreement(neutron_gr(s, rg, uiso=0.003, qmax=20.0), sq_to_gr(q, y, rg, 20.0))
+    return {"glass": path.name, "atoms": len(s), "density_g_cm3": round(s.density, 3),
+            **network_geometry(s).summary(), "sq_q0.8_20": agreement(sq, y[m]), "gr_r1_qmax20": gr,
+            "scattering_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def nearest_template_distance(train, test) -> float:
+    """Median over ``test`` of the L2 distance (normalised mu, per grid point) to the nearest training spectrum."""
+    from xtalsolve.local.baselines import TemplateMatcher
+
+    tm = TemplateMatcher(train)
+    return float(np.median([tm.query(test.features[i], 1)[1][0] for i in range(len(test))]))
+
+
+def by_cn(test, absorber: str) -> dict[int, list[int]]:
+    from xtalsolve.local.evaluate import truths
+
+    out: dict[int, list[int]] = {}
+    for i, t in enumerate(truths(test, absorber)):
+        out.setdefault(t.coordination_number, []).append(i)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, help="diffusion checkpoint (.pt) to score as well")
+    p.add_argument("--exafs", type=int, default=None, help="EXAFS-style fit on this many amorphous entries "
+                   "(default all; 0 skips the fit)")
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--no-scattering", action="store_true", help="skip the S(Q)/G(r) checks of the glasses")
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
+    warnings.filterwarnings("ignore", message=".*fractional coordinates rounded.*")
+    import torch
+
+    torch.set_num_threads(1)
+    from xtalsolve.local.evaluate import evaluate_exafs, evaluate_model, evaluate_template, evaluate_template_lomo
+    from xtalsolve.local.library import SpectrumLibrary, build_library
+
+    absorber = "Si"
+    glasses = sorted(GLASS_DIR.glob("glass_s*.cif"))
+    result: dict = {"glasses": [] if args.no_scattering else [glass_checks(g) for g in glasses]}
+    amorphous = SpectrumLibrary.load(GLASS_DIR / "library_Si_K_glass.npz")
+    with tempfile.TemporaryDirectory(prefix="xtal_cryst_") as tmp:
+        with tarfile.open(CRYSTAL_CACHE) as tar:
+            tar.extractall(tmp, filter="data")
+        crystal = build_library(next(Path(tmp).iterdir()), absorber)
+    train, test = crystal.split("train"), crystal.split("test")
+    result["libraries"] = {"crystalline": len(crystal), "crystalline_train": len(train),
+                           "crystalline_test": len(test), "amorphous": len(amorphous),
+                           "amorphous_true_cn": {str(k): len(v) for k, v in sorted(by_cn(amorphous, absorber).items())},
+                           "crystalline_materials": len({m.get("material_key") for m in crystal.meta})}
+    result["median_nearest_template_distance"] = {"crystalline_test": nearest_template_distance(train, test),
+                                                  "amorphous": nearest_template_distance(train, amorphous)}
+    rows: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    rows["template k=5 | crystalline test"] = evaluate_template(train, test, absorber)
+    rows["template k=5 | crystalline leave-one-material-out"] = evaluate_template_lomo(crystal, absorber)
+    rows["template k=5 | amorphous"] = evaluate_template(train, amorphous, absorber)
+    rows["template k=5, all crystalline templates | amorphous"] = evaluate_template(crystal, amorphous, absorber)
+    for cn, idx in sorted(by_cn(amorphous, absorber).items()):
+        rows[f"template k=5 | amorphous, true CN {cn}"] = evaluate_template(train, amorphous.subset(idx), absorber)
+    if args.checkpoint:
+        from xtalsolve.local.model import load_model
+
+        model, cfg = load_model(args.checkpoint)
+        name = f"diffusion {args.checkpoint.name} ({args.samples} samples)"
+        rows[f"{name} | crystalline test"] = evaluate_model(model, cfg, test, absorber, samples=args.samples)
+        rows[f"{name} | amorphous"] = evaluate_model(model, cfg, amorphous, absorber, samples=args.samples)
+    if args.exafs != 0:
+        ref = train.cluster(next(i for i, m in enumerate(train.meta) if not m.get("perturbation")), absorber)
+        n = len(amorphous) if args.exafs is None else min(args.exafs, len(amorphous))
+        rows["EXAFS-style fit | crystalline test"] = evaluate_exafs(test, absorber, ref)
+        rows[f"EXAFS-style fit | amorphous ({n})"] = evaluate_exafs(amorphous, absorber, ref, limit=n)
+        result["exafs_reference"] = ref.meta.get("material_key")
+    result["seconds_scoring"] = round(time.perf_counter() - t0, 1)
+    result["scores"] = rows
+    # amorphous / crystalline ratios (target: within 1.5x)
+    ratios = {}
+    for method in ("template k=5", "EXAFS-style fit") + ((name,) if args.checkpoint else ()):
+        amo = next((v for k, v in rows.items() if k.startswith(f"{method} | amorphous")), None)
+        for ref_set in ("crystalline test", "crystalline leave-one-material-out"):
+            cry = rows.get(f"{method} | {ref_set}")
+            if amo and cry:
+                ratios[f"{method}: amorphous / {ref_set}"] = {
+                    m: (amo[m] / cry[m] if cry[m] else None) for m in ("first_shell_mae_A", "cn_error_rate")}
+    result["ratios"] = ratios
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    lines = []
+    if result["glasses"]:
+        head = ("| glass | Si CN counts | 4-fold | mean Si-O (A) | O-Si-O mean (deg) | Si-O-Si mode / mean (deg) | "
+                "S(Q) Pearson / R | G(r) Pearson / R |")
+        lines += [head, "|---" * 8 + "|"]
+        for g in result["glasses"]:
+            lines.append(f"| {g['glass']} | {g['cn_counts']} | {g['fraction_fourfold']:.3f} | {g['mean_bond_A']:.4f} | "
+                         f"{g['x_a_x_mean_deg']:.1f} | {g['a_x_a_mode_deg']:.1f} / {g['a_x_a_mean_deg']:.1f} | "
+                         f"{g['sq_q0.8_20']['pearson']:.3f} / {g['sq_q0.8_20']['r_factor']:.3f} | "
+                         f"{g['gr_r1_qmax20']['pearson']:.3f} / {g['gr_r1_qmax20']['r_factor']:.3f} |")
+        lines.append("")
+    lines += ["| method | set | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+    for key, r in result["scores"].items():
+        method, dataset = key.split(" | ")
+        lines.append(f"| {method} | {dataset} | " + " | ".join(_fmt(r.get(c)) for c in METRICS) + " |")
+    lines.append("")
+    for k, v in result["ratios"].items():
+        lines.append(f"{k}: first-shell MAE x{_ratio(v['first_shell_mae_A'])}, CN error x{_ratio(v['cn_error_rate'])}")
+    d = result["median_nearest_template_distance"]
+    lines.append(f"median distance to the nearest crystalline training spectrum: crystalline test "
+                 f"{d['crystalline_test']:.4f}, amorphous {d['amorphous']:.4f}")
+    return "\n".join(lines)
+
+
+def _ratio(v) -> str:
+    return "-- (crystalline value 0)" if v is None else f"{v:.2f}"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if np.isfinite(v) else "nan"
+    return str(v)
+
+
+if __name__ == "__main__":
+    main()
