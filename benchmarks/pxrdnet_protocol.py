@@ -57,10 +57,13 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--size", type=float, nargs="+", default=[10.0, 100.0])
-    parser.add_argument("--candidates", type=int, default=10)
+    parser.add_argument("--candidates", type=int, default=10, help="ranked candidates scored (@k)")
+    parser.add_argument("--samples", type=int, default=32, help="structures drawn per material")
+    parser.add_argument("--first", type=int, default=0, help="skip the first ids (to split a run)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="suffix of the results files (separate runs)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -75,8 +78,9 @@ def main() -> None:
     tensors = pool.load()
     references = [tensors.structure(i) for i in range(len(tensors))]
     ids = [key[1] for key in pool.keys]
+    ids, references = ids[args.first:], references[args.first:]
     RESULTS.mkdir(exist_ok=True)
-    done_file = RESULTS / "pxrdnet_protocol.jsonl"
+    done_file = RESULTS / f"pxrdnet_protocol{args.tag}.jsonl"
     done = {(r["id"], r["size_A"], r["arm"]) for r in map(json.loads, done_file.read_text().splitlines())} \
         if done_file.is_file() else set()
     rng = np.random.default_rng(args.seed)
@@ -90,11 +94,15 @@ def main() -> None:
                 start = time.perf_counter()
                 generate = diffusion_generator(args.checkpoint, pattern, args.steps, guided=arm == "guided",
                                                cfg_scale=0.0 if arm == "prior" else 1.0, size_hint_A=size)
-                out = RESULTS / "pxrdnet_runs" / f"{material}_D{size:g}_{arm}"
-                settings = SolveSettings(samples=args.candidates, natoms=len(reference), seed=args.seed)
+                out = RESULTS / f"pxrdnet_runs{args.tag}" / f"{material}_D{size:g}_{arm}"
+                settings = SolveSettings(samples=args.samples, natoms=len(reference), seed=args.seed,
+                                         size_hint_A=size)
                 try:
                     summary = solve(pattern, reference.composition.reduced_formula, generate, out, settings)
+                    # refined candidates by Rwp, then the other fitted ones by their fit residual
                     ranked = [Structure.from_file(out / c["cif"]) for c in summary["candidates"]]
+                    ranked += [Structure.from_file(out / c["cif"]) for c in summary["screened"] if not c["refined"]]
+                    ranked = ranked[: args.candidates]
                 except Exception as err:  # noqa: BLE001 - a failed material is a miss, recorded with its reason
                     ranked, summary = [], {"error": str(err)}
                 record = {"id": material, "size_A": size, "arm": arm, "seconds": time.perf_counter() - start}
@@ -122,8 +130,9 @@ def main() -> None:
                 rms = [r[f"{name}_rms"] for r in rows if r[f"{name}_rms"] is not None]
                 entry[f"{name}_rmse"] = float(np.mean(rms)) if rms else None
             table[f"D={size:g}A/{arm}"] = entry
-    (RESULTS / "pxrdnet_protocol.json").write_text(json.dumps(
-        {"checkpoint": str(args.checkpoint), "candidates": args.candidates, "steps": args.steps, "table": table},
+    (RESULTS / f"pxrdnet_protocol{args.tag}.json").write_text(json.dumps(
+        {"checkpoint": str(args.checkpoint), "samples": args.samples, "candidates": args.candidates,
+         "steps": args.steps, "table": table},
         indent=2))
     for key, entry in table.items():
         print(key, entry)

@@ -2,7 +2,9 @@
 solutions written as CIF with a report.
 
     trials of Z (composition.py) -> generate candidates (any generator: the guided diffusion sampler in
-    production) -> refine each against the data (refine/) -> rank by Rwp -> rankNN.cif, summary.json, fit.png
+    production) -> fit all of them at once to the pattern (polish.py: cell strain + P1 coordinates, batched
+    autograd) and rank them by that fit -> Rietveld refinement of the best few, symmetry found at a tolerance
+    (refine/) -> rank by Rwp -> rankNN.cif, summary.json, fit.png
 
 Every refined candidate is saved as it finishes (``candidates/*.json``), so a killed run resumes where it stopped
 and no result is lost.
@@ -16,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from pymatgen.core import Composition, Structure
 
 from xtalsolve.composition import CellTrial, formula_unit_trials, parse_formula
@@ -29,17 +32,19 @@ Generator = Callable[[Composition, int, int], Sequence[Structure]]
 @dataclass(frozen=True)
 class SolveSettings:
     """How hard to search: candidates in all, formula-unit trials tried, refinement effort. Every candidate is
-    screened by a quick fit (scale, background, cell, profile; ``screen_max_nfev``), and the ``refine_top``
-    best are refined fully (all Rietveld stages; ``refine_max_nfev``)."""
+    screened by the batched local fit of :mod:`xtalsolve.polish` (``polish_steps`` iterations), and the
+    ``refine_top`` best distinct ones are refined fully (all Rietveld stages, ``refine_max_nfev`` evaluations
+    per stage, symmetry of the fitted candidate found at ``symprec`` angstrom)."""
 
-    samples: int = 8
+    samples: int = 32
     max_trials: int = 3
     seed: int = 0
     max_atoms: int = 20
     natoms: int | None = None
-    refine_max_nfev: int = 20
-    screen_max_nfev: int = 8
+    refine_max_nfev: int = 15
+    polish_steps: int = 80
     refine_top: int = 3
+    symprec: float = 0.1
     size_hint_A: float | None = None
 
 
@@ -77,6 +82,37 @@ def allocate(trials: Sequence[CellTrial], samples: int) -> list[tuple[CellTrial,
     return list(zip(trials, counts))
 
 
+def pattern_loss(pattern: Pattern, size_A: float | None = None):
+    """The mismatch the candidates are fitted and ranked by: the pattern on the model's Q grid (normalised,
+    masked outside the measured range) against the forward model with free scale and background; crystallite
+    size ``size_A`` (angstrom) or fitted per candidate."""
+    from xtalsolve.data.augment import Augmentation, model_input
+    from xtalsolve.diffusion.guidance import PatternLoss
+    from xtalsolve.refine import instrument_of
+
+    aug = Augmentation()
+    observed, mask = model_input(pattern, aug)
+    return PatternLoss(aug.grid, observed.double(), mask, instrument=instrument_of(pattern), size=size_A)
+
+
+def distinct(records: Sequence[dict], n: int) -> list[dict]:
+    """The first ``n`` records (best first) whose fitted structures are pairwise different crystals
+    (pymatgen StructureMatcher, default tolerances): refining the same solution twice wastes the budget."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    matcher = StructureMatcher()
+    chosen, structures = [], []
+    for record in records:
+        if len(chosen) == n:
+            break
+        structure = Structure.from_str(record["screen_cif"], fmt="cif")
+        if any(matcher.fit(structure, other) for other in structures):
+            continue
+        chosen.append(record)
+        structures.append(structure)
+    return chosen
+
+
 def _candidate_file(directory: Path, z: int, index: int) -> Path:
     return directory / f"z{z:02d}_{index:03d}.json"
 
@@ -95,7 +131,8 @@ def solve(
     CIF file, Rwp, Rp, GoF, space group and lattice (angstrom, degrees), and the time taken (s).
     """
     from xtalsolve.io.structures import write_cif
-    from xtalsolve.refine import STAGES, instrument_of, refine
+    from xtalsolve.polish import PolishSettings, polish
+    from xtalsolve.refine import instrument_of, refine
     from xtalsolve.refine.report import plot_fit
 
     start = time.perf_counter()
@@ -109,38 +146,39 @@ def solve(
     say = progress or (lambda message: None)
 
     options = {"size": settings.size_hint_A} if settings.size_hint_A else {}
+    loss = pattern_loss(pattern, settings.size_hint_A)
     records = []
     for trial, count in allocate(trials, settings.samples):
-        todo = [i for i in range(count) if not _candidate_file(store, trial.z, i).is_file()]
-        structures = generate(trial.composition(composition), count, settings.seed + 1000 * trial.z) if todo else []
-        for i in range(count):
-            path = _candidate_file(store, trial.z, i)
-            if path.is_file():  # screened in an earlier run
-                records.append(json.loads(path.read_text()))
-                continue
-            say(f"Z = {trial.z}: screening candidate {i + 1} of {count}")
+        stored = [_candidate_file(store, trial.z, i) for i in range(count)]
+        if all(path.is_file() for path in stored):  # screened in an earlier run
+            records += [json.loads(path.read_text()) for path in stored]
+            continue
+        say(f"Z = {trial.z}: drawing {count} candidates")
+        structures = generate(trial.composition(composition), count, settings.seed + 1000 * trial.z)
+        say(f"Z = {trial.z}: fitting {count} candidates to the pattern")
+        fitted, residuals = polish(structures, loss, PolishSettings(steps=settings.polish_steps))
+        for i, path in enumerate(stored):
             record = {"z": trial.z, "index": i, "candidate_cif": structures[i].to(fmt="cif")}
-            try:
-                result = refine(measured, structures[i], instrument, stages=STAGES[:3],
-                                max_nfev=settings.screen_max_nfev, **options)
-            except Exception as err:  # noqa: BLE001 - one unusable candidate (collapsed cell, overlapping atoms)
-                record["failed"] = f"{type(err).__name__}: {err}"  # must not end the run
-            else:
-                record |= {"screen_rwp": result.rwp, "screen_cif": result.structure.to(fmt="cif")}
+            if np.isfinite(residuals[i]) and fitted[i].volume > 0:
+                record |= {"screen_residual": float(residuals[i]), "screen_cif": fitted[i].to(fmt="cif")}
+                write_cif(fitted[i], path.with_suffix(".cif"))
+            else:  # a collapsed or exploded candidate must not end the run
+                record["failed"] = "the local fit diverged"
             path.write_text(json.dumps(record))
             records.append(record)
 
     # full Rietveld for the best screened candidates (kept on disk too, so a resumed run skips them)
-    screened = sorted((r for r in records if "screen_rwp" in r), key=lambda r: r["screen_rwp"])
+    screened = sorted((r for r in records if "screen_residual" in r), key=lambda r: r["screen_residual"])
     best = None
-    for record in screened[: settings.refine_top]:
+    for record in distinct(screened, settings.refine_top):
         path = _candidate_file(store, record["z"], record["index"])
-        if "rwp" in record:
+        if "rwp" in record or "refine_failed" in record:
             continue
-        say(f"Z = {record['z']}: refining candidate {record['index'] + 1} (screen Rwp {record['screen_rwp']:.1%})")
+        say(f"Z = {record['z']}: refining candidate {record['index'] + 1} "
+            f"(fit residual {record['screen_residual']:.4f})")
         try:
             result = refine(measured, Structure.from_str(record["screen_cif"], fmt="cif"), instrument,
-                            max_nfev=settings.refine_max_nfev, **options)
+                            max_nfev=settings.refine_max_nfev, symprec=settings.symprec, **options)
         except Exception as err:  # noqa: BLE001 - keep the screened result
             record["refine_failed"] = f"{type(err).__name__}: {err}"
         else:
@@ -165,7 +203,9 @@ def solve(
         "source": pattern.source,
         "trials": [{"z": t.z, "n_atoms": t.n_atoms, "probability": t.probability} for t in trials],
         "candidates": candidates,
-        "screened": [{"z": r["z"], "index": r["index"], "screen_rwp": r["screen_rwp"]} for r in screened],
+        "screened": [{"z": r["z"], "index": r["index"], "screen_residual": r["screen_residual"], "refined": "rwp" in r,
+                      "cif": str(_candidate_file(store, r["z"], r["index"]).with_suffix(".cif").relative_to(out))}
+                     for r in screened],
         "failed": [{"z": r["z"], "index": r["index"], "reason": r["failed"]} for r in records if "failed" in r],
         "timing_s": round(time.perf_counter() - start, 2),
     }
