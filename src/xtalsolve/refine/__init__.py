@@ -43,13 +43,15 @@ def _profile(pattern, excluded) -> Profile:
 
 def refine(pattern: Pattern | Profile, structure: Structure | list[Structure], instrument: Instrument | None = None,
            *, stages=STAGES, progress=None, max_nfev: int = 30, excluded=(), lebail_start: bool = False,
-           **options) -> RefinementResult:
+           scan: bool = True, orientations: bool = True, **options) -> RefinementResult:
     """Rietveld refinement of ``structure`` (or of a list of phases, one contribution each) against ``pattern``
     in the usual stages (scale/background -> cell/zero -> profile -> positions -> B and occupancies).
     ``options`` go to :class:`Recipe` (n_background, symprec, displacement, texture, profile_params, biso, size,
     asymmetry, refine_ratio, occupancies, names). ``lebail_start``: first fit the cells, zero and displacement by
     Le Bail (intensities free, so wrong atoms cannot pull the cells), then start the Rietveld stages from them
-    without the cell scan. ``result.phases`` holds each phase's structure, cell and Hill-Howard weight fraction;
+    without the cell scan. ``scan`` / ``orientations``: the isotropic cell scan before the cell stage and the
+    swapped starts of pseudo-symmetric cells (both on by default; off for candidates already fitted to the
+    pattern, as in ``solve``). ``result.phases`` holds each phase's structure, cell and Hill-Howard weight fraction;
     ``result.structure`` etc. are the first phase's."""
     import time
 
@@ -58,7 +60,8 @@ def refine(pattern: Pattern | Profile, structure: Structure | list[Structure], i
     profile = _profile(pattern, excluded)
     recipe = Recipe(profile, structure, instrument, **options)
     if not lebail_start:
-        return recipe.refine(stages=stages, progress=progress, max_nfev=max_nfev)
+        return recipe.refine(stages=stages, progress=progress, max_nfev=max_nfev, scan=scan,
+                             orientations=orientations)
     from xtalsolve.refine.lebail import lebail_recipe, refine_lebail
 
     t0 = time.perf_counter()
@@ -71,7 +74,8 @@ def refine(pattern: Pattern | Profile, structure: Structure | list[Structure], i
               "seconds": round(time.perf_counter() - t0, 2)}
     if progress is not None:
         progress(record)
-    result = recipe.refine(stages=stages, progress=progress, max_nfev=max_nfev, scan=False)
+    result = recipe.refine(stages=stages, progress=progress, max_nfev=max_nfev, scan=False,
+                           orientations=orientations)
     result.stages.insert(0, record)
     result.seconds += record["seconds"]
     return result

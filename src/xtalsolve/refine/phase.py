@@ -164,14 +164,8 @@ class Phase:
         p = full[idx]
         basis = torch.as_tensor(self.cell.basis)
         g6 = torch.as_tensor(self.cell.metric0) + basis @ (p - torch.as_tensor(self.cell.start))
-        rows = [[g6[_METRIC_INDEX.index((min(i, j), max(i, j)))] for j in range(3)] for i in range(3)]
-        metric = torch.stack([torch.stack(r) for r in rows])
-        factor, info = torch.linalg.cholesky_ex(metric)
-        if int(info) != 0:  # a trial step left the metric indefinite: lift its spectrum just enough; the cell is
-            # then badly wrong, the residual large, and the trust region steps back instead of the fit crashing
-            lift = (1e-3 - torch.linalg.eigvalsh(metric.detach()).min()).clamp(min=0.0)
-            factor = torch.linalg.cholesky(metric + lift * torch.eye(3, dtype=metric.dtype))
-        return factor
+        g = {(i, j): g6[_METRIC_INDEX.index((min(i, j), max(i, j)))] for i in range(3) for j in range(3)}
+        return cholesky3(g)
 
     def frac_of(self, full: torch.Tensor) -> torch.Tensor:
         """(atoms, 3) fractional coordinates from the free coordinate parameters."""
@@ -289,3 +283,21 @@ class Phase:
                 row["occupancy_esd"] = parameters[f"{self.prefix}occ.{s.label}"].esd
             rows.append(row)
         return rows
+
+
+def cholesky3(g: dict) -> torch.Tensor:
+    """Lower-triangular L with L L^T = G for a 3 x 3 metric given as {(i, j): G_ij}: the rows of L are cell
+    vectors (angstrom) with that metric. Written out rather than ``torch.linalg.cholesky`` because under the
+    forward-mode Jacobian (vmap of jvp) the library call is decomposed in Python at ~50 ms per call, which made
+    it the most expensive step of a small refinement. A trial step that leaves the metric indefinite gets its
+    pivots floored at 1e-6 angstrom^2: the cell is then badly wrong, the residual large, and the trust region
+    steps back instead of the fit crashing."""
+    floor = 1e-6
+    l00 = torch.sqrt(torch.clamp(g[0, 0], min=floor))
+    l10 = g[1, 0] / l00
+    l20 = g[2, 0] / l00
+    l11 = torch.sqrt(torch.clamp(g[1, 1] - l10 * l10, min=floor))
+    l21 = (g[2, 1] - l20 * l10) / l11
+    l22 = torch.sqrt(torch.clamp(g[2, 2] - l20 * l20 - l21 * l21, min=floor))
+    zero = torch.zeros_like(l00)
+    return torch.stack([torch.stack([l00, zero, zero]), torch.stack([l10, l11, zero]), torch.stack([l20, l21, l22])])

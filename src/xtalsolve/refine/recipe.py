@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from pymatgen.core import Structure
 from scipy.optimize import least_squares
+from threadpoolctl import threadpool_limits
 
 from xtalsolve import metrics
 from xtalsolve.errors import XtalsolveError
@@ -395,8 +396,11 @@ class Recipe:
         if len(x0) == 0:
             return
         lower, upper = self.parameters.bounds()
-        result = least_squares(self.residual, x0, jac=self.jacobian, bounds=(lower, upper), method="trf",
-                               x_scale="jac", max_nfev=max_nfev, xtol=1e-8, ftol=1e-8)
+        # the SVDs inside TRF are of a thin (points x parameters) matrix: one BLAS thread is fastest, and BLAS
+        # threads competing with torch's for two cores made them 80x slower
+        with threadpool_limits(1, user_api="blas"):
+            result = least_squares(self.residual, x0, jac=self.jacobian, bounds=(lower, upper), method="trf",
+                                   x_scale="jac", max_nfev=max_nfev, xtol=1e-8, ftol=1e-8)
         self.parameters.set_vector(result.x)
         self._last_jacobian = result.jac
 
