@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ def run(*args, cwd=None):
 
 
 def test_demo_writes_patterns_and_plot(tmp_path):
-    result = run("demo", "-o", str(tmp_path / "demo"))
+    result = run("demo", "--sizes", "-o", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
     files = sorted(p.name for p in (tmp_path / "demo").iterdir())
     assert "anatase_sizes.png" in files and len([f for f in files if f.endswith(".xy")]) == 4
@@ -76,3 +77,22 @@ def test_simulate_pdf_and_debye_write_what_the_library_computes(tmp_path, rocksa
     assert run(*args).returncode == 0
     particle = read_pattern(tmp_path / "np" / "NaCl.xy")
     np.testing.assert_allclose(particle.y, simulate_nanoparticle([rocksalt], 12.0, two_theta=(20, 60, 0.1))[0], rtol=1e-6)
+
+
+def test_demo_solves_the_bundled_nanocrystal_with_the_shipped_model(tmp_path):
+    """`xtalsolve demo`: the shipped model + fit + Rietveld find rock-salt NaCl from its 60 A pattern and formula
+    alone (Z not given), and the answer is checked against the bundled reference CIF."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from pymatgen.core import Lattice, Structure
+
+    out = tmp_path / "demo"
+    result = run("demo", "-o", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "matches the reference" in result.stdout and "NOT" not in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    best = summary["candidates"][0]
+    assert best["rank"] == 1 and best["rwp"] < 0.05 and best["space_group"] == "Fm-3m (225)"
+    assert abs(best["lattice"]["a"] * 2 ** 0.5 - 5.640) < 0.01 or abs(best["lattice"]["a"] - 5.640) < 0.01
+    reference = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.640), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    assert StructureMatcher().fit(Structure.from_file(out / "rank01.cif"), reference)
+    assert (out / "fit.png").is_file() and summary["reference_check"]["verdict"].startswith("matches")

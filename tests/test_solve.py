@@ -48,7 +48,7 @@ def test_solve_ranks_the_truth_first_and_resumes(tmp_path, rutile_pattern):
             if int(cell.num_atoms) == len(truth) and i == 0:
                 s = truth.copy()
                 s.apply_strain(0.01)
-                s.perturb(0.05)
+                s.perturb(0.05, seed=seed)
             else:  # wrong: a random arrangement of the right atoms in a cube of the right volume
                 volume = truth.volume * cell.num_atoms / len(truth)
                 species = [el.symbol for el, k in cell.items() for _ in range(int(k))]
@@ -107,3 +107,31 @@ def test_solve_command_end_to_end_with_a_model_checkpoint(tmp_path, rutile_patte
     missing = subprocess.run(args[:-4] + ["--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "none.pt: no such checkpoint" in missing.stderr
+
+
+def test_refine_candidate_finds_missed_symmetry(rutile_pattern):
+    """A candidate refined in P1 (symmetry search too strict for its displaced atoms) converges towards the
+    symmetric positions; the search for missed symmetry then re-refines it in P4_2/mnm."""
+    from xtalsolve.refine import instrument_of
+    from xtalsolve.solve import refine_candidate
+
+    truth, pattern = rutile_pattern
+    start = truth.copy()
+    start.perturb(0.03, min_distance=0.02, seed=3)
+    settings = SolveSettings(symprec=1e-4, refine_max_nfev=10)
+    result = refine_candidate(pattern.in_two_theta(), start, instrument_of(pattern), settings)
+    assert result.space_group == "P4_2/mnm (136)"
+    assert result.rwp < 0.12 and StructureMatcher().fit(result.structure, truth)
+
+
+def test_hopeless_candidates_are_abandoned_after_the_profile_stage(rutile_pattern):
+    from xtalsolve.refine import instrument_of
+    from xtalsolve.solve import _Abandoned, refine_candidate
+
+    truth, pattern = rutile_pattern
+    rng = np.random.default_rng(5)
+    wrong = Structure(Lattice.cubic(truth.volume ** (1 / 3)), truth.species, rng.random((len(truth), 3)))
+    with pytest.raises(_Abandoned) as stop:
+        refine_candidate(pattern.in_two_theta(), wrong, instrument_of(pattern), SolveSettings(refine_max_nfev=6),
+                         best_rwp=0.05)
+    assert stop.value.record["stage"] == "profile" and stop.value.record["rwp"] > 0.1

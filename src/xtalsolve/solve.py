@@ -34,10 +34,12 @@ class SolveSettings:
     """How hard to search: candidates in all, formula-unit trials tried, refinement effort. Every candidate is
     screened by the batched local fit of :mod:`xtalsolve.polish` (``polish_steps`` iterations), and the
     ``refine_top`` best distinct ones are refined fully (all Rietveld stages, ``refine_max_nfev`` evaluations
-    per stage, symmetry of the fitted candidate found at ``symprec`` angstrom)."""
+    per stage, symmetry of the fitted candidate found at ``symprec`` angstrom). A candidate whose Rwp after the
+    profile stage is more than ``abandon_factor`` times the best final Rwp so far is abandoned: refining its
+    coordinates cannot close such a gap, and they are the most expensive stages."""
 
     samples: int = 32
-    max_trials: int = 3
+    max_trials: int = 5
     seed: int = 0
     max_atoms: int = 20
     natoms: int | None = None
@@ -46,9 +48,18 @@ class SolveSettings:
     refine_top: int = 3
     symprec: float = 0.1
     size_hint_A: float | None = None
+    abandon_factor: float = 2.0
 
 
-def diffusion_generator(checkpoint: str | Path, pattern: Pattern, n_steps: int = 200, guided: bool = True,
+def shipped_checkpoint() -> Path:
+    """The diffusion model trained by this project and shipped with the package (resources/models, with its
+    model card README.md)."""
+    from importlib import resources
+
+    return Path(str(resources.files("xtalsolve.resources").joinpath("models/small_cpu_mp20.pt")))
+
+
+def diffusion_generator(checkpoint: str | Path, pattern: Pattern, n_steps: int = 100, guided: bool = True,
                         cfg_scale: float = 1.0, size_hint_A: float | None = None) -> Generator:
     """Candidates from the trained diffusion model, conditioned on ``pattern`` and (``guided``) steered by it at
     every reverse step through the differentiable forward model."""
@@ -82,6 +93,28 @@ def allocate(trials: Sequence[CellTrial], samples: int) -> list[tuple[CellTrial,
     return list(zip(trials, counts))
 
 
+def explore_then_exploit(trials: Sequence[CellTrial], samples: int, explore: float = 0.5
+                         ) -> tuple[list[tuple[CellTrial, int]], Callable[[dict[int, float]], list[tuple[CellTrial, int]]]]:
+    """Z by trial sampling: the first round spreads ``explore`` of the samples evenly over the trials (at least
+    two each: the composition prior alone is weak, e.g. it puts rock salt's one-formula-unit cell fifth); the
+    second round, given each trial's best fit residual, gives the rest to the two best-fitting trials (2:1).
+    Returns the first round and the function that makes the second."""
+    first = max(2, round(samples * explore / max(len(trials), 1)))
+    round1 = [(t, first) for t in trials]
+    rest = max(0, samples - first * len(trials))
+
+    def round2(best_residual: dict[int, float]) -> list[tuple[CellTrial, int]]:
+        ranked = sorted((t for t in trials if t.z in best_residual), key=lambda t: best_residual[t.z])
+        if rest == 0 or not ranked:
+            return []
+        if len(ranked) == 1:
+            return [(ranked[0], rest)]
+        second = rest // 3
+        return [(ranked[0], rest - second)] + ([(ranked[1], second)] if second else [])
+
+    return round1, round2
+
+
 def pattern_loss(pattern: Pattern, size_A: float | None = None):
     """The mismatch the candidates are fitted and ranked by: the pattern on the model's Q grid (normalised,
     masked outside the measured range) against the forward model with free scale and background; crystallite
@@ -113,6 +146,61 @@ def distinct(records: Sequence[dict], n: int) -> list[dict]:
     return chosen
 
 
+RAISE_SYMPREC = (0.05, 0.1, 0.2)
+"""Tolerances (angstrom) of the search for missed symmetry in a refined candidate: the highest point group found
+at any of them is tried (at the smallest tolerance that finds it) and kept only if the data agree."""
+
+
+class _Abandoned(Exception):
+    """Raised from the progress hook to stop refining a candidate that cannot win; carries the stage record."""
+
+    def __init__(self, record: dict):
+        super().__init__(record["stage"])
+        self.record = {"stage": record["stage"], "rwp": float(record["rwp"])}
+
+
+def refine_candidate(pattern: Pattern, structure: Structure, instrument, settings: SolveSettings,
+                     best_rwp: float = np.inf, options: dict | None = None):
+    """Rietveld refinement of one screened candidate, symmetry found at ``settings.symprec`` (angstrom); then, as
+    a crystallographer checks for missed symmetry, the refined crystal is searched again (at the tolerances ``RAISE_SYMPREC``)
+    and re-refined in the higher group when one is found and fits as well (within 2 % of Rwp). Raises :class:`_Abandoned` when the Rwp
+    after the profile stage exceeds ``settings.abandon_factor * best_rwp``."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    from xtalsolve.refine import refine
+
+    def watch(stage: dict) -> None:
+        if stage["stage"] == "profile" and stage["rwp"] > settings.abandon_factor * best_rwp:
+            raise _Abandoned(stage)
+
+    options = options or {}
+    kwargs = dict(max_nfev=settings.refine_max_nfev, scan=False, orientations=False, **options)
+    result = refine(pattern, structure, instrument, symprec=settings.symprec, progress=watch, **kwargs)
+
+    def point_group_order(s: Structure, symprec: float) -> int:
+        try:
+            return len(SpacegroupAnalyzer(s, symprec=symprec).get_point_group_operations())
+        except Exception:  # noqa: BLE001 - spglib can fail on odd cells: then there is nothing to raise
+            return 0
+
+    for _ in range(3):  # each refinement in a higher group can reveal more symmetry (P1 -> Pm -> P4_2/mnm)
+        current = point_group_order(result.structure, 1e-4)
+        orders = {tol: point_group_order(result.structure, tol) for tol in RAISE_SYMPREC}
+        highest = max(orders.values())
+        if highest <= current:
+            break
+        tolerance = min(tol for tol, order in orders.items() if order == highest)
+        try:
+            again = refine(pattern, result.structure, instrument, symprec=tolerance, **kwargs)
+        except Exception:  # noqa: BLE001 - keep the lower-symmetry result
+            break
+        if again.rwp > 1.02 * result.rwp:  # the data refuse the higher group
+            break
+        again.seconds += result.seconds
+        result = again
+    return result
+
+
 def _candidate_file(directory: Path, z: int, index: int) -> Path:
     return directory / f"z{z:02d}_{index:03d}.json"
 
@@ -132,8 +220,8 @@ def solve(
     """
     from xtalsolve.io.structures import write_cif
     from xtalsolve.polish import PolishSettings, polish
-    from xtalsolve.refine import instrument_of, refine
-    from xtalsolve.refine.report import plot_fit
+    from xtalsolve.refine import instrument_of
+    from xtalsolve.refine.report import cif_text, plot_fit
 
     start = time.perf_counter()
     composition = parse_formula(formula) if isinstance(formula, str) else formula.reduced_composition
@@ -142,58 +230,89 @@ def solve(
     store.mkdir(parents=True, exist_ok=True)
     instrument = instrument_of(pattern)
     measured = pattern.in_two_theta()  # the refinement works in 2theta
-    trials = formula_unit_trials(composition, pattern, settings.max_atoms, settings.natoms)[: settings.max_trials]
+    every = formula_unit_trials(composition, pattern, settings.max_atoms, settings.natoms)
+    trials = every[: settings.max_trials]
+    # the one-formula-unit cell is always tried: it is the cheapest to sample and the training-set prior
+    # underweights it (MP-20 holds few 2-atom cells, so rock salt's Z = 1 ranks below Z = 2 ... 6)
+    trials += [t for t in every[settings.max_trials:] if t.z == 1]
     say = progress or (lambda message: None)
 
     options = {"size": settings.size_hint_A} if settings.size_hint_A else {}
     loss = pattern_loss(pattern, settings.size_hint_A)
     records = []
-    for trial, count in allocate(trials, settings.samples):
-        stored = [_candidate_file(store, trial.z, i) for i in range(count)]
-        if all(path.is_file() for path in stored):  # screened in an earlier run
-            records += [json.loads(path.read_text()) for path in stored]
-            continue
-        say(f"Z = {trial.z}: drawing {count} candidates")
-        structures = generate(trial.composition(composition), count, settings.seed + 1000 * trial.z)
-        say(f"Z = {trial.z}: fitting {count} candidates to the pattern")
-        fitted, residuals = polish(structures, loss, PolishSettings(steps=settings.polish_steps))
-        for i, path in enumerate(stored):
-            record = {"z": trial.z, "index": i, "candidate_cif": structures[i].to(fmt="cif")}
-            if np.isfinite(residuals[i]) and fitted[i].volume > 0:
-                record |= {"screen_residual": float(residuals[i]), "screen_cif": fitted[i].to(fmt="cif")}
-                write_cif(fitted[i], path.with_suffix(".cif"))
-            else:  # a collapsed or exploded candidate must not end the run
-                record["failed"] = "the local fit diverged"
-            path.write_text(json.dumps(record))
-            records.append(record)
+
+    def screen(plan: list[tuple[CellTrial, int]], stage: int) -> None:
+        """Draw and fit the candidates of ``plan``; every one is stored as it is screened (resumable)."""
+        for trial, count in plan:
+            first = sum(1 for r in records if r["z"] == trial.z)
+            stored = [_candidate_file(store, trial.z, first + i) for i in range(count)]
+            if all(path.is_file() for path in stored):  # screened in an earlier run
+                records.extend(json.loads(path.read_text()) for path in stored)
+                continue
+            say(f"Z = {trial.z}: drawing {count} candidates")
+            structures = generate(trial.composition(composition), count,
+                                  settings.seed + 1000 * trial.z + 100_000 * stage)
+            say(f"Z = {trial.z}: fitting {count} candidates to the pattern")
+            fitted, residuals = polish(structures, loss, PolishSettings(steps=settings.polish_steps))
+            for i, path in enumerate(stored):
+                record = {"z": trial.z, "index": first + i, "candidate_cif": structures[i].to(fmt="cif")}
+                if np.isfinite(residuals[i]) and fitted[i].volume > 0:
+                    record |= {"screen_residual": float(residuals[i]), "screen_cif": fitted[i].to(fmt="cif")}
+                    write_cif(fitted[i], path.with_suffix(".cif"))
+                else:  # a collapsed or exploded candidate must not end the run
+                    record["failed"] = "the local fit diverged"
+                path.write_text(json.dumps(record))
+                records.append(record)
+
+    if len(trials) == 1:
+        screen([(trials[0], settings.samples)], 0)
+    else:
+        round1, round2 = explore_then_exploit(trials, settings.samples)
+        screen(round1, 0)
+        best_residual = {}
+        for r in records:
+            if "screen_residual" in r:
+                best_residual[r["z"]] = min(best_residual.get(r["z"], np.inf), r["screen_residual"])
+        screen(round2(best_residual), 1)
 
     # full Rietveld for the best screened candidates (kept on disk too, so a resumed run skips them)
     screened = sorted((r for r in records if "screen_residual" in r), key=lambda r: r["screen_residual"])
     best = None
+    best_rwp = min((r["rwp"] for r in records if "rwp" in r), default=np.inf)
     for record in distinct(screened, settings.refine_top):
         path = _candidate_file(store, record["z"], record["index"])
-        if "rwp" in record or "refine_failed" in record:
+        if "rwp" in record or "refine_failed" in record or "abandoned" in record:
             continue
         say(f"Z = {record['z']}: refining candidate {record['index'] + 1} "
             f"(fit residual {record['screen_residual']:.4f})")
         try:
-            result = refine(measured, Structure.from_str(record["screen_cif"], fmt="cif"), instrument,
-                            max_nfev=settings.refine_max_nfev, symprec=settings.symprec, **options)
+            result = refine_candidate(measured, Structure.from_str(record["screen_cif"], fmt="cif"), instrument,
+                                      settings, best_rwp, options)
+        except _Abandoned as stop:
+            record["abandoned"] = stop.record
+            say(f"Z = {record['z']}: candidate {record['index'] + 1} abandoned (Rwp {stop.record['rwp']:.2%} after "
+                f"the {stop.record['stage']} stage, more than {settings.abandon_factor:g} x the best {best_rwp:.2%})")
         except Exception as err:  # noqa: BLE001 - keep the screened result
             record["refine_failed"] = f"{type(err).__name__}: {err}"
         else:
-            record |= {"rwp": result.rwp, "rp": result.rp, "gof": result.gof, "space_group": result.space_group,
+            record |= {"rwp": result.rwp, "rp": result.rp, "gof": result.gof, "r_bragg": result.r_bragg,
+                       "space_group": result.space_group,
                        "lattice": dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), map(float, result.cell))),
-                       "cif": result.structure.to(fmt="cif"), "seconds": round(result.seconds, 2)}
+                       "cif": result.structure.to(fmt="cif"), "refined_cif": cif_text(result, "rank"),
+                       "seconds": round(result.seconds, 2)}
             if best is None or result.rwp < best.rwp:
                 best = result
+            best_rwp = min(best_rwp, result.rwp)
         path.write_text(json.dumps(record))
 
     ranked = sorted((r for r in records if "rwp" in r), key=lambda r: r["rwp"])
     candidates = []
     for rank, record in enumerate(ranked, start=1):
         name = f"rank{rank:02d}.cif"
-        write_cif(Structure.from_str(record["cif"], fmt="cif"), out / name)
+        if "refined_cif" in record:  # the engine's CIF: esd's, B, R-factors
+            (out / name).write_text(record["refined_cif"].replace("data_rank", f"data_rank{rank:02d}", 1))
+        else:
+            write_cif(Structure.from_str(record["cif"], fmt="cif"), out / name)
         candidates.append({"rank": rank, "cif": name, **{k: record[k] for k in
                                                          ("rwp", "rp", "gof", "space_group", "lattice", "z")}})
     if best is not None and abs(best.rwp - ranked[0]["rwp"]) < 1e-12:
@@ -207,6 +326,7 @@ def solve(
                       "cif": str(_candidate_file(store, r["z"], r["index"]).with_suffix(".cif").relative_to(out))}
                      for r in screened],
         "failed": [{"z": r["z"], "index": r["index"], "reason": r["failed"]} for r in records if "failed" in r],
+        "abandoned": [{"z": r["z"], "index": r["index"], **r["abandoned"]} for r in records if "abandoned" in r],
         "timing_s": round(time.perf_counter() - start, 2),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
