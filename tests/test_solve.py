@@ -12,7 +12,7 @@ from pymatgen.core import Lattice, Structure
 
 from xtalsolve.pattern import Pattern
 from xtalsolve.physics.powder import Instrument, make_grid, simulate_powder
-from xtalsolve.solve import SolveSettings, allocate, solve
+from xtalsolve.solve import SolveSettings, explore_then_exploit, solve
 from xtalsolve.composition import CellTrial
 
 
@@ -29,11 +29,15 @@ def rutile_pattern():
     return truth, Pattern(grid, y, np.sqrt(np.maximum(y, 1.0)), unit, 1.5406, "rutile-simulated")
 
 
-def test_allocation_shares_samples_by_probability():
+def test_z_trials_explored_evenly_then_the_best_fitting_two_exploited():
     trials = [CellTrial(2, 6, 60.0, 0.7), CellTrial(1, 3, 30.0, 0.2), CellTrial(4, 12, 120.0, 0.1)]
-    shares = allocate(trials, 10)
-    assert [n for _, n in shares] == [7, 2, 1]
-    assert [n for _, n in allocate(trials, 2)] == [1, 1, 1]  # every trial is tried once
+    round1, round2 = explore_then_exploit(trials, 32)
+    assert [(t.z, n) for t, n in round1] == [(2, 5), (1, 5), (4, 5)]  # half of 32, evenly
+    # the data prefer Z = 4 and then Z = 1, whatever the prior said
+    assert [(t.z, n) for t, n in round2({2: 0.09, 1: 0.05, 4: 0.01})] == [(4, 12), (1, 5)]
+    assert sum(n for _, n in round1) + 17 == 32
+    few1, few2 = explore_then_exploit(trials, 2)
+    assert [n for _, n in few1] == [2, 2, 2] and few2({2: 0.1}) == []  # every trial is tried at least twice
 
 
 def test_solve_ranks_the_truth_first_and_resumes(tmp_path, rutile_pattern):
@@ -126,12 +130,12 @@ def test_refine_candidate_finds_missed_symmetry(rutile_pattern):
 
 def test_hopeless_candidates_are_abandoned_after_the_profile_stage(rutile_pattern):
     from xtalsolve.refine import instrument_of
-    from xtalsolve.solve import _Abandoned, refine_candidate
+    from xtalsolve.solve import CandidateAbandoned, refine_candidate
 
     truth, pattern = rutile_pattern
     rng = np.random.default_rng(5)
     wrong = Structure(Lattice.cubic(truth.volume ** (1 / 3)), truth.species, rng.random((len(truth), 3)))
-    with pytest.raises(_Abandoned) as stop:
+    with pytest.raises(CandidateAbandoned) as stop:
         refine_candidate(pattern.in_two_theta(), wrong, instrument_of(pattern), SolveSettings(refine_max_nfev=6),
                          best_rwp=0.05)
     assert stop.value.record["stage"] == "profile" and stop.value.record["rwp"] > 0.1

@@ -85,14 +85,6 @@ def diffusion_generator(checkpoint: str | Path, pattern: Pattern, n_steps: int =
     return generate
 
 
-def allocate(trials: Sequence[CellTrial], samples: int) -> list[tuple[CellTrial, int]]:
-    """Share ``samples`` among trials in proportion to their probability, at least one each."""
-    counts = [max(1, round(samples * t.probability)) for t in trials]
-    while sum(counts) > max(samples, len(trials)):
-        counts[counts.index(max(counts))] -= 1
-    return list(zip(trials, counts))
-
-
 def explore_then_exploit(trials: Sequence[CellTrial], samples: int, explore: float = 0.5
                          ) -> tuple[list[tuple[CellTrial, int]], Callable[[dict[int, float]], list[tuple[CellTrial, int]]]]:
     """Z by trial sampling: the first round spreads ``explore`` of the samples evenly over the trials (at least
@@ -151,7 +143,7 @@ RAISE_SYMPREC = (0.05, 0.1, 0.2)
 at any of them is tried (at the smallest tolerance that finds it) and kept only if the data agree."""
 
 
-class _Abandoned(Exception):
+class CandidateAbandoned(Exception):
     """Raised from the progress hook to stop refining a candidate that cannot win; carries the stage record."""
 
     def __init__(self, record: dict):
@@ -162,16 +154,17 @@ class _Abandoned(Exception):
 def refine_candidate(pattern: Pattern, structure: Structure, instrument, settings: SolveSettings,
                      best_rwp: float = np.inf, options: dict | None = None):
     """Rietveld refinement of one screened candidate, symmetry found at ``settings.symprec`` (angstrom); then, as
-    a crystallographer checks for missed symmetry, the refined crystal is searched again (at the tolerances ``RAISE_SYMPREC``)
-    and re-refined in the higher group when one is found and fits as well (within 2 % of Rwp). Raises :class:`_Abandoned` when the Rwp
-    after the profile stage exceeds ``settings.abandon_factor * best_rwp``."""
+    a crystallographer checks for missed symmetry, the refined crystal is searched again (at the tolerances
+    ``RAISE_SYMPREC``) and re-refined in the higher group when one is found and fits as well (within 2 % of
+    Rwp). Raises :class:`CandidateAbandoned` when the Rwp after the profile stage exceeds
+    ``settings.abandon_factor * best_rwp``."""
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
     from xtalsolve.refine import refine
 
     def watch(stage: dict) -> None:
         if stage["stage"] == "profile" and stage["rwp"] > settings.abandon_factor * best_rwp:
-            raise _Abandoned(stage)
+            raise CandidateAbandoned(stage)
 
     options = options or {}
     kwargs = dict(max_nfev=settings.refine_max_nfev, scan=False, orientations=False, **options)
@@ -288,7 +281,7 @@ def solve(
         try:
             result = refine_candidate(measured, Structure.from_str(record["screen_cif"], fmt="cif"), instrument,
                                       settings, best_rwp, options)
-        except _Abandoned as stop:
+        except CandidateAbandoned as stop:
             record["abandoned"] = stop.record
             say(f"Z = {record['z']}: candidate {record['index'] + 1} abandoned (Rwp {stop.record['rwp']:.2%} after "
                 f"the {stop.record['stage']} stage, more than {settings.abandon_factor:g} x the best {best_rwp:.2%})")
