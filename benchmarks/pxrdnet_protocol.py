@@ -52,6 +52,16 @@ def pxrdnet_pattern(structure, size_A: float, rng: np.random.Generator, waveleng
     return grid, np.clip(pooled + rng.normal(0.0, 1e-3, 512), 0.0, None)
 
 
+def readable(path: Path):
+    """A ranked structure, or None when pymatgen cannot build it (e.g. two atoms refined onto one site)."""
+    from pymatgen.core import Structure
+
+    try:
+        return Structure.from_file(path)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -100,8 +110,9 @@ def main() -> None:
                 try:
                     summary = solve(pattern, reference.composition.reduced_formula, generate, out, settings)
                     # refined candidates by Rwp, then the other fitted ones by their fit residual
-                    ranked = [Structure.from_file(out / c["cif"]) for c in summary["candidates"]]
-                    ranked += [Structure.from_file(out / c["cif"]) for c in summary["screened"] if not c["refined"]]
+                    ranked = [readable(out / c["cif"]) for c in summary["candidates"]]
+                    ranked += [readable(out / c["cif"]) for c in summary["screened"] if not c["refined"]]
+                    ranked = [s for s in ranked if s is not None]  # atoms refined onto each other: a miss
                     ranked = ranked[: args.candidates]
                 except Exception as err:  # noqa: BLE001 - a failed material is a miss, recorded with its reason
                     ranked, summary = [], {"error": str(err)}

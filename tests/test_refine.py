@@ -132,6 +132,8 @@ def test_format_esd():
     assert format_esd(0.12345, 0.00052) == "0.1235(5)"
     assert format_esd(0.12345, 0.00012) == "0.12345(12)"
     assert format_esd(8.47364, 0.00033) == "8.4736(3)"
+    assert format_esd(0.20341, 0.9) == "0.2(9)" and format_esd(0.20341, 0.9, min_decimals=4) == "0.2034(9000)"
+    assert format_esd(0.12345, 0.00052, min_decimals=4) == "0.1235(5)"
     assert format_esd(1.5, None) == "1.5"
 
 

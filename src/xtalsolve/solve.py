@@ -194,6 +194,15 @@ def refine_candidate(pattern: Pattern, structure: Structure, instrument, setting
     return result
 
 
+def _min_distance(structure: Structure) -> float:
+    """Shortest interatomic distance (angstrom), periodic images included: the first sanity check of a solution
+    (atoms closer than ~1 angstrom mean a collapsed, unphysical candidate, however good its Rwp)."""
+    if len(structure) < 2:
+        return float(min(structure.lattice.abc))
+    distances = structure.distance_matrix + np.diag([np.inf] * len(structure))
+    return float(min(distances.min(), min(structure.lattice.abc)))
+
+
 def _candidate_file(directory: Path, z: int, index: int) -> Path:
     return directory / f"z{z:02d}_{index:03d}.json"
 
@@ -292,6 +301,7 @@ def solve(
                        "space_group": result.space_group,
                        "lattice": dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), map(float, result.cell))),
                        "cif": result.structure.to(fmt="cif"), "refined_cif": cif_text(result, "rank"),
+                       "min_distance_A": _min_distance(result.structure),
                        "seconds": round(result.seconds, 2)}
             if best is None or result.rwp < best.rwp:
                 best = result
@@ -307,7 +317,8 @@ def solve(
         else:
             write_cif(Structure.from_str(record["cif"], fmt="cif"), out / name)
         candidates.append({"rank": rank, "cif": name, **{k: record[k] for k in
-                                                         ("rwp", "rp", "gof", "space_group", "lattice", "z")}})
+                                                         ("rwp", "rp", "gof", "space_group", "lattice", "z")},
+                           "min_distance_A": record.get("min_distance_A")})
     if best is not None and abs(best.rwp - ranked[0]["rwp"]) < 1e-12:
         plot_fit(best, out / "fit.png", title=f"{composition.reduced_formula}: rank 1, Rwp {best.rwp:.2%}")
     summary = {

@@ -100,15 +100,18 @@ class ParameterSet:
         return {p.name: {"value": p.value, "esd": p.esd, "refined": p.refined or p.esd is not None} for p in self}
 
 
-def format_esd(value: float, esd: float | None) -> str:
+def format_esd(value: float, esd: float | None, min_decimals: int = 0) -> str:
     """Crystallographic notation: 0.12345 with esd 0.00052 -> '0.1235(5)'; two digits when the esd starts
-    with 1 (IUCr rule of 19); plain value when there is no esd."""
+    with 1 (IUCr rule of 19); plain value when there is no esd. ``min_decimals``: never round the value to fewer
+    decimals (the esd then gets more digits, '0.2034(9000)'), so that a poorly determined coordinate is not
+    moved onto another atom by the rounding."""
     if esd is None or not np.isfinite(esd) or esd <= 0:
         return f"{value:.6f}".rstrip("0").rstrip(".") if value != 0 else "0"
     exponent = math.floor(math.log10(esd))
     digits = esd / 10**exponent
     if digits < 1.95:  # esd's starting with 1 keep two significant digits
         exponent -= 1
+    exponent = min(exponent, -min_decimals)
     decimals = max(0, -exponent)
     unit = 10.0**exponent
     esd_digits = round(esd / unit)

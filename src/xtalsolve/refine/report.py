@@ -42,7 +42,7 @@ def cif_text(result: RefinementResult, name: str = "refined", phase: PhaseResult
               "_atom_site_fract_z", "_atom_site_occupancy", "_atom_site_B_iso_or_equiv"]
     if phase.sites:
         for site in phase.sites:
-            coords = [format_esd(v % 1.0, e if e > 1e-12 else None) for v, e in zip(site["frac"], site["frac_esd"])]
+            coords = [format_esd(v % 1.0, e if e > 1e-12 else None, min_decimals=4) for v, e in zip(site["frac"], site["frac_esd"])]
             biso = format_esd(site["biso"], site["biso_esd"]) if site["biso"] is not None else "0.5"
             for k, (species, occ) in enumerate(site["species"].items()):
                 label = site["label"] if k == 0 else f"{site['label']}_{k}"
