@@ -10,9 +10,11 @@ Inputs (all committed): the melt-quench glasses ``data/amorphous/glass_s*.cif``,
    crystalline leave-one-material-out (all materials), amorphous; and with every crystalline spectrum as templates;
 3. the EXAFS-style first-shell fit (FEFF chi of each cluster, no noise, S02 known: optimistic) on the crystalline
    test split and the amorphous set (one FEFF EXAFS run each; ``--exafs N`` limits the amorphous entries);
-4. the diffusion model when ``--checkpoint`` is given (8 samples per spectrum).
+4. the diffusion model (8 samples per spectrum; amorphous also by true CN): the shipped checkpoint ``src/xtalsolve/local/data/edm_Si_K.pt``
+   (trained on the crystalline train split only) unless ``--checkpoint`` names another; ``--no-model`` skips it.
+   Template matching and the model are also scored on the crystalline val split (a second held-out material).
 
-    nice -n 10 python benchmarks/spectra_amorphous.py [--checkpoint cache/edm_Si_K_ft.pt] [--exafs 60]
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/spectra_amorphous.py [--checkpoint X.pt] [--exafs 60]
 
 Prints a table and writes benchmarks/results/spectra_amorphous.json.
 """
@@ -75,7 +77,9 @@ def by_cn(test, absorber: str) -> dict[int, list[int]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, help="diffusion checkpoint (.pt) to score as well")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="diffusion checkpoint (.pt); default: the shipped src/xtalsolve/local/data/edm_Si_K.pt")
+    p.add_argument("--no-model", action="store_true", help="do not score a diffusion model")
     p.add_argument("--exafs", type=int, default=None, help="EXAFS-style fit on this many amorphous entries "
                    "(default all; 0 skips the fit)")
     p.add_argument("--samples", type=int, default=8)
@@ -88,8 +92,13 @@ def main() -> None:
     torch.set_num_threads(1)
     from xtalsolve.local.evaluate import evaluate_exafs, evaluate_model, evaluate_template, evaluate_template_lomo
     from xtalsolve.local.library import SpectrumLibrary, build_library
+    from xtalsolve.local.predict import default_checkpoint_path
 
     absorber = "Si"
+    if args.no_model:
+        args.checkpoint = None
+    elif args.checkpoint is None:
+        args.checkpoint = default_checkpoint_path(absorber, "K")
     glasses = sorted(GLASS_DIR.glob("glass_s*.cif"))
     result: dict = {"glasses": [] if args.no_scattering else [glass_checks(g) for g in glasses]}
     amorphous = SpectrumLibrary.load(GLASS_DIR / "library_Si_K_glass.npz")
@@ -97,9 +106,9 @@ def main() -> None:
         with tarfile.open(CRYSTAL_CACHE) as tar:
             tar.extractall(tmp, filter="data")
         crystal = build_library(next(Path(tmp).iterdir()), absorber)
-    train, test = crystal.split("train"), crystal.split("test")
+    train, val, test = crystal.split("train"), crystal.split("val"), crystal.split("test")
     result["libraries"] = {"crystalline": len(crystal), "crystalline_train": len(train),
-                           "crystalline_test": len(test), "amorphous": len(amorphous),
+                           "crystalline_val": len(val), "crystalline_test": len(test), "amorphous": len(amorphous),
                            "amorphous_true_cn": {str(k): len(v) for k, v in sorted(by_cn(amorphous, absorber).items())},
                            "crystalline_materials": len({m.get("material_key") for m in crystal.meta})}
     result["median_nearest_template_distance"] = {"crystalline_test": nearest_template_distance(train, test),
@@ -107,6 +116,7 @@ def main() -> None:
     rows: dict[str, dict] = {}
     t0 = time.perf_counter()
     rows["template k=5 | crystalline test"] = evaluate_template(train, test, absorber)
+    rows["template k=5 | crystalline val"] = evaluate_template(train, val, absorber)
     rows["template k=5 | crystalline leave-one-material-out"] = evaluate_template_lomo(crystal, absorber)
     rows["template k=5 | amorphous"] = evaluate_template(train, amorphous, absorber)
     rows["template k=5, all crystalline templates | amorphous"] = evaluate_template(crystal, amorphous, absorber)
@@ -118,7 +128,17 @@ def main() -> None:
         model, cfg = load_model(args.checkpoint)
         name = f"diffusion {args.checkpoint.name} ({args.samples} samples)"
         rows[f"{name} | crystalline test"] = evaluate_model(model, cfg, test, absorber, samples=args.samples)
-        rows[f"{name} | amorphous"] = evaluate_model(model, cfg, amorphous, absorber, samples=args.samples)
+        rows[f"{name} | crystalline val"] = evaluate_model(model, cfg, val, absorber, samples=args.samples)
+        result["checkpoint"] = str(args.checkpoint.resolve().relative_to(ROOT)) if args.checkpoint.resolve(
+        ).is_relative_to(ROOT) else str(args.checkpoint)
+        from xtalsolve.local.evaluate import model_shells, truths
+        from xtalsolve.local.metrics import score
+
+        pred = model_shells(model, cfg, amorphous, absorber, samples=args.samples)
+        true = truths(amorphous, absorber)
+        rows[f"{name} | amorphous"] = score(pred, true)
+        for cn, idx in sorted(by_cn(amorphous, absorber).items()):  # the same samples, grouped by the true CN
+            rows[f"{name} | amorphous, true CN {cn}"] = score([pred[i] for i in idx], [true[i] for i in idx])
     if args.exafs != 0:
         ref = train.cluster(next(i for i, m in enumerate(train.meta) if not m.get("perturbation")), absorber)
         n = len(amorphous) if args.exafs is None else min(args.exafs, len(amorphous))
@@ -131,7 +151,7 @@ def main() -> None:
     ratios = {}
     for method in ("template k=5", "EXAFS-style fit") + ((name,) if args.checkpoint else ()):
         amo = next((v for k, v in rows.items() if k.startswith(f"{method} | amorphous")), None)
-        for ref_set in ("crystalline test", "crystalline leave-one-material-out"):
+        for ref_set in ("crystalline test", "crystalline val", "crystalline leave-one-material-out"):
             cry = rows.get(f"{method} | {ref_set}")
             if amo and cry:
                 ratios[f"{method}: amorphous / {ref_set}"] = {

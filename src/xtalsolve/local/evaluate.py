@@ -50,14 +50,19 @@ def evaluate_template_lomo(lib: SpectrumLibrary, absorber: str, ligand: str = "O
     return score(pred, truths(lib, absorber, ligand))
 
 
-def evaluate_model(model, cfg: dict, test: SpectrumLibrary, absorber: str, ligand: str = "O", samples: int = 8,
-                   seed: int = 0) -> dict:
-    """Diffusion model: consensus of ``samples`` sampled first shells per test spectrum."""
+def model_shells(model, cfg: dict, test: SpectrumLibrary, absorber: str, ligand: str = "O", samples: int = 8,
+                 seed: int = 0) -> list[FirstShell]:
+    """Diffusion model: consensus first shell of ``samples`` sampled clusters per test spectrum (seed + index)."""
     from xtalsolve.local.model import sample_clusters
 
-    pred = [_consensus_shell(sample_clusters(model, cfg, test.features[i], samples, absorber, seed + i), ligand)
+    return [_consensus_shell(sample_clusters(model, cfg, test.features[i], samples, absorber, seed + i), ligand)
             for i in range(len(test))]
-    return score(pred, truths(test, absorber, ligand))
+
+
+def evaluate_model(model, cfg: dict, test: SpectrumLibrary, absorber: str, ligand: str = "O", samples: int = 8,
+                   seed: int = 0) -> dict:
+    """Diffusion model: scores of the consensus of ``samples`` sampled first shells per test spectrum."""
+    return score(model_shells(model, cfg, test, absorber, ligand, samples, seed), truths(test, absorber, ligand))
 
 
 def evaluate_exafs(test: SpectrumLibrary, absorber: str, reference, ligand: str = "O", noise: float = 0.0,

@@ -208,10 +208,15 @@ def training_arrays(lib: SpectrumLibrary, cfg: EDMConfig) -> tuple[torch.Tensor,
 
 
 def train(lib: SpectrumLibrary, cfg: EDMConfig, epochs: int = 200, batch: int = 64, lr: float = 1e-3, seed: int = 0,
-          checkpoint: str | Path | None = None, log=print) -> LocalEDM:
+          checkpoint: str | Path | None = None, log=print, ema: float = 0.999,
+          lr_final: float | None = None) -> LocalEDM:
     """Train on ``lib`` (already restricted to the training split) with Adam; seeded. Resumes from ``checkpoint``
     when it exists and saves it after every epoch. No rotation augmentation: the denoiser is equivariant and the
-    count model sees only the spectrum."""
+    count model sees only the spectrum.
+
+    ``ema`` > 0 (default) keeps an exponential moving average of the weights (decay per optimiser step, warmed up as
+    min(ema, (1 + n) / (10 + n))), saved as ``ema`` in the checkpoint and preferred by :func:`load_model`.
+    ``lr_final`` set: cosine decay of the learning rate from ``lr`` to ``lr_final`` over ``epochs``."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     cfg.grid = [float(g) for g in lib.grid]
@@ -220,13 +225,21 @@ def train(lib: SpectrumLibrary, cfg: EDMConfig, epochs: int = 200, batch: int = 
     model = LocalEDM(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     start = 0
+    avg = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema > 0 else None
+    n_updates = 0
     if checkpoint and Path(checkpoint).exists():
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = state["epoch"] + 1
         gen.set_state(state["generator"])
+        n_updates = state.get("updates", 0)
+        if avg is not None and "ema" in state:
+            avg = state["ema"]
     for epoch in range(start, epochs):
+        if lr_final is not None:
+            for g in opt.param_groups:
+                g["lr"] = lr_final + 0.5 * (lr - lr_final) * (1 + np.cos(np.pi * epoch / max(1, epochs - 1)))
         perm = torch.randperm(len(f), generator=gen)
         tot = 0.0
         for b in range(0, len(f), batch):
@@ -236,11 +249,20 @@ def train(lib: SpectrumLibrary, cfg: EDMConfig, epochs: int = 200, batch: int = 
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            n_updates += 1
+            if avg is not None:
+                d = min(ema, (1 + n_updates) / (10 + n_updates))
+                with torch.no_grad():
+                    for k, v in model.state_dict().items():
+                        if v.dtype.is_floating_point:
+                            avg[k].mul_(d).add_(v.detach(), alpha=1 - d)
+                        else:
+                            avg[k].copy_(v)
             tot += loss.item() * len(j)
         if log and (epoch % 10 == 0 or epoch == epochs - 1):
             log(f"epoch {epoch}: loss {tot / len(f):.4f}")
         if checkpoint:
-            save_model(model, checkpoint, opt, epoch, gen)
+            save_model(model, checkpoint, opt, epoch, gen, ema=avg, updates=n_updates)
     return model
 
 
@@ -253,26 +275,42 @@ def random_rotation(gen: torch.Generator | None = None) -> torch.Tensor:
     return q
 
 
-def save_model(model: LocalEDM, path: str | Path, opt=None, epoch: int = 0, gen: torch.Generator | None = None):
-    state = {"config": asdict(model.cfg), "model": model.state_dict(), "epoch": epoch}
+def save_model(model: LocalEDM, path: str | Path, opt=None, epoch: int = 0, gen: torch.Generator | None = None,
+               ema: dict | None = None, updates: int = 0):
+    state = {"config": asdict(model.cfg), "model": model.state_dict(), "epoch": epoch, "updates": updates}
     if opt is not None:
         state["optimizer"] = opt.state_dict()
     if gen is not None:
         state["generator"] = gen.get_state()
+    if ema is not None:
+        state["ema"] = ema
     tmp = Path(str(path) + ".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
 
 
-def load_model(path: str | Path) -> tuple[LocalEDM, dict]:
-    """Model in eval mode and its config (as a dict, JSON-able)."""
+def strip_checkpoint(path: str | Path, out: str | Path, use_ema: bool = True) -> dict:
+    """Inference-only copy of a training checkpoint: config, weights (the EMA weights when present and ``use_ema``),
+    epoch and update count; optimiser and generator state dropped (it can no longer be resumed)."""
+    state = torch.load(path, weights_only=False, map_location="cpu")
+    weights = state["ema"] if use_ema and "ema" in state else state["model"]
+    slim = {"config": state["config"], "model": {k: v.float() if v.dtype.is_floating_point else v
+                                                 for k, v in weights.items()},
+            "epoch": state["epoch"], "updates": state.get("updates", 0),
+            "weights": "ema" if use_ema and "ema" in state else "raw"}
+    torch.save(slim, out)
+    return slim
+
+
+def load_model(path: str | Path, use_ema: bool = True) -> tuple[LocalEDM, dict]:
+    """Model in eval mode and its config (as a dict, JSON-able); the EMA weights when the checkpoint has them."""
     try:
         state = torch.load(path, weights_only=False, map_location="cpu")
         cfg = EDMConfig(**state["config"])
     except Exception as exc:  # noqa: BLE001 - torch.load/unpickling errors are many; all mean a bad file
         raise XtalsolveError(f"cannot read diffusion checkpoint ({type(exc).__name__})", path) from None
     model = LocalEDM(cfg)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["ema"] if use_ema and "ema" in state else state["model"])
     model.eval()
     return model, json.loads(json.dumps(asdict(cfg)))
 
@@ -303,5 +341,6 @@ __all__ = [
     "random_rotation",
     "sample_clusters",
     "save_model",
+    "strip_checkpoint",
     "train",
 ]

@@ -1,7 +1,10 @@
 """Spectrum -> sampled absorber-centred clusters, their consensus first shell, and the output files.
 
-Predictors, best first: the diffusion model when a checkpoint for (absorber, edge) exists, else template matching
-over a spectrum library. The method used is written into ``summary.json``.
+Predictors: template matching over a spectrum library (the default: it scored better than the shipped diffusion
+model on the held-out and amorphous sets, see docs/spectra.md) and the diffusion model (``method="diffusion"``;
+the packaged checkpoint ``data/edm_<absorber>_<edge>.pt`` unless one is given). ``method="auto"`` uses the
+diffusion model when a checkpoint is passed explicitly or no template library exists, else template matching.
+The method used is written into ``summary.json``.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ def predict_local(
     lib_path = Path(library) if library else default_library_path(absorber, edge)
     if method not in ("auto", "diffusion", "template"):
         raise XtalsolveError("method must be auto, diffusion or template", "--method")
-    use_model = method == "diffusion" or (method == "auto" and ckpt.exists())
+    use_model = method == "diffusion" or (method == "auto" and (checkpoint is not None or (
+        ckpt.exists() and library is None and not lib_path.exists())))
     extra = {"e0_eV": norm.e0, "edge_step": norm.edge_step}
     if use_model:
         from xtalsolve.local.model import load_model, sample_clusters
