@@ -128,19 +128,16 @@ def main() -> None:
                 print(record, flush=True)
 
     records = [json.loads(line) for line in done_file.read_text().splitlines()]
-    table = {}
-    for size in args.size:
-        for arm in args.arms:
-            rows = [r for r in records if r["size_A"] == size and r["arm"] == arm]
-            if not rows:
-                continue
-            entry = {"n": len(rows), "seconds_per_material": float(np.mean([r["seconds"] for r in rows]))}
-            for name in TOLERANCES:
-                entry[f"{name}@1"] = float(np.mean([r[f"{name}@1"] for r in rows]))
-                entry[f"{name}@{args.candidates}"] = float(np.mean([r[f"{name}@k"] for r in rows]))
-                rms = [r[f"{name}_rms"] for r in rows if r[f"{name}_rms"] is not None]
-                entry[f"{name}_rmse"] = float(np.mean(rms)) if rms else None
-            table[f"D={size:g}A/{arm}"] = entry
+    table = {}  # every (size, arm) in the results file, also those of earlier invocations
+    for size, arm in sorted({(r["size_A"], r["arm"]) for r in records}, key=lambda k: (-k[0], ARMS.index(k[1]))):
+        rows = [r for r in records if r["size_A"] == size and r["arm"] == arm]
+        entry = {"n": len(rows), "seconds_per_material": float(np.mean([r["seconds"] for r in rows]))}
+        for name in TOLERANCES:
+            entry[f"{name}@1"] = float(np.mean([r[f"{name}@1"] for r in rows]))
+            entry[f"{name}@{args.candidates}"] = float(np.mean([r[f"{name}@k"] for r in rows]))
+            rms = [r[f"{name}_rms"] for r in rows if r[f"{name}_rms"] is not None]
+            entry[f"{name}_rmse"] = float(np.mean(rms)) if rms else None
+        table[f"D={size:g}A/{arm}"] = entry
     (RESULTS / f"pxrdnet_protocol{args.tag}.json").write_text(json.dumps(
         {"checkpoint": str(args.checkpoint), "samples": args.samples, "candidates": args.candidates,
          "steps": args.steps, "table": table},
