@@ -10,7 +10,7 @@ which the manifest's wavelength_check supports for all but graphite. Nothing her
 
     nice python benchmarks/solve_experimental.py [--cases id1,id2] [--samples 32] [--seed 0]
 
-Resumable: finished cases are kept in benchmarks/results/solve_experimental.jsonl (runs in
+Cases run smallest primitive cell first. Resumable: finished cases are kept in benchmarks/results/solve_experimental.jsonl (runs in
 benchmarks/results/solve_experimental_runs/); the table goes to benchmarks/results/solve_experimental.json.
 """
 
@@ -66,17 +66,20 @@ def main() -> None:
     manifest = pd.read_csv(DATA / "manifest.csv")
     rows = manifest[(manifest.kind == "pxrd") & manifest.structure_file.notna()]
     rows = rows[~rows.structure_file.astype(str).str.contains(";")]  # single phase
-    if args.cases:
-        rows = rows[rows.case_id.isin(args.cases.split(","))]
     done_file = RESULTS / "solve_experimental.jsonl"
     done = {json.loads(line)["case"]: json.loads(line) for line in done_file.read_text().splitlines()} \
         if done_file.is_file() else {}
     strict, loose = StructureMatcher(**STRICT), StructureMatcher(**LOOSE)
+    truths = {row.case_id: Structure.from_file(DATA / row.structure_file) for row in rows.itertuples()}
+    sizes = {case: len(s.get_primitive_structure()) for case, s in truths.items()}
+    rows = rows.assign(n=[sizes[c] for c in rows.case_id]).sort_values("n", kind="stable")  # smallest cells first
+    if args.cases:
+        rows = rows[rows.case_id.isin(args.cases.split(","))]
     for row in rows.itertuples():
         if row.case_id in done:
             continue
-        truth = Structure.from_file(DATA / row.structure_file)
-        n_primitive = len(truth.get_primitive_structure())
+        truth = truths[row.case_id]
+        n_primitive = sizes[row.case_id]
         record = {"case": row.case_id, "formula": truth.composition.reduced_formula,
                   "space_group": row.space_group, "n_atoms_primitive": n_primitive}
         if n_primitive > MAX_ATOMS:
@@ -114,7 +117,9 @@ def main() -> None:
     table = {
         "samples": args.samples, "steps": args.steps, "seed": args.seed, "checkpoint": "small_cpu_mp20.pt (shipped)",
         "cases": list(done.values()),
-        "in_scope": len([r for r in done.values() if not r["status"].startswith("out of scope")]),
+        "in_scope": int(sum(n <= MAX_ATOMS for n in sizes.values())),
+        "run": len(runs),
+        "not_run": sorted(c for c, n in sizes.items() if n <= MAX_ATOMS and c not in done),
         "solved_strict@1": sum(r["strict@1"] for r in runs), "solved_loose@1": sum(r["loose@1"] for r in runs),
         "solved_strict@any": sum(r["strict@any"] for r in runs),
         "median_seconds": float(pd.Series([r["seconds"] for r in runs]).median()) if runs else None,
@@ -125,7 +130,8 @@ def main() -> None:
         what = (f"Rwp {r['rank1_rwp']:.3f} {r['rank1_space_group']:12s} strict {r['strict@1']!s:5} "
                 f"loose {r['loose@1']!s:5} {r['seconds']:.0f} s") if r["status"] == "run" else r["status"]
         print(f"{r['case']:34s} {r['formula']:10s} {r['space_group']:14s} {what}")
-    print(f"solved (strict@1) {table['solved_strict@1']} of {table['in_scope']} in scope")
+    print(f"solved (strict@1) {table['solved_strict@1']} of {table['run']} run ({table['in_scope']} in scope, "
+          f"{len(table['not_run'])} not run yet)")
 
 
 if __name__ == "__main__":
