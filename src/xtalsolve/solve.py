@@ -194,6 +194,19 @@ def refine_candidate(pattern: Pattern, structure: Structure, instrument, setting
     return result
 
 
+def plausible_geometry(structure: Structure, factor: float = 0.6) -> bool:
+    """False when two atoms are closer than ``factor`` times the sum of their atomic radii (pymatgen's empirical
+    radii, angstrom): e.g. O-H 0.51, C-C 0.84, Si-O 1.02, Ti-Ti 1.68 angstrom against real contacts of 0.96, 1.42,
+    1.61 and 2.86. Such a candidate may fit the pattern (overlapping atoms act as one heavier atom) but is not
+    a crystal, so it is ranked after every plausible one."""
+    if len(structure) < 2:
+        return True
+    radii = np.array([float(site.specie.atomic_radius or 1.0) if hasattr(site, "specie") else 1.0
+                      for site in structure])
+    distances = structure.distance_matrix + np.diag([np.inf] * len(structure))
+    return bool(np.all(distances >= factor * (radii[:, None] + radii[None, :])))
+
+
 def _min_distance(structure: Structure) -> float:
     """Shortest interatomic distance (angstrom), periodic images included: the first sanity check of a solution
     (atoms closer than ~1 angstrom mean a collapsed, unphysical candidate, however good its Rwp)."""
@@ -279,7 +292,7 @@ def solve(
 
     # full Rietveld for the best screened candidates (kept on disk too, so a resumed run skips them)
     screened = sorted((r for r in records if "screen_residual" in r), key=lambda r: r["screen_residual"])
-    best = None
+    best, best_key = None, None
     best_rwp = min((r["rwp"] for r in records if "rwp" in r), default=np.inf)
     for record in distinct(screened, settings.refine_top):
         path = _candidate_file(store, record["z"], record["index"])
@@ -302,13 +315,16 @@ def solve(
                        "lattice": dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), map(float, result.cell))),
                        "cif": result.structure.to(fmt="cif"), "refined_cif": cif_text(result, "rank"),
                        "min_distance_A": _min_distance(result.structure),
+                       "plausible": plausible_geometry(result.structure),
                        "seconds": round(result.seconds, 2)}
-            if best is None or result.rwp < best.rwp:
-                best = result
+            key = (not record["plausible"], result.rwp)
+            if best is None or key < best_key:
+                best, best_key = result, key
             best_rwp = min(best_rwp, result.rwp)
         path.write_text(json.dumps(record))
 
-    ranked = sorted((r for r in records if "rwp" in r), key=lambda r: r["rwp"])
+    # by Rwp, candidates with atoms on top of each other after every plausible one
+    ranked = sorted((r for r in records if "rwp" in r), key=lambda r: (not r.get("plausible", True), r["rwp"]))
     candidates = []
     for rank, record in enumerate(ranked, start=1):
         name = f"rank{rank:02d}.cif"
@@ -318,7 +334,7 @@ def solve(
             write_cif(Structure.from_str(record["cif"], fmt="cif"), out / name)
         candidates.append({"rank": rank, "cif": name, **{k: record[k] for k in
                                                          ("rwp", "rp", "gof", "space_group", "lattice", "z")},
-                           "min_distance_A": record.get("min_distance_A")})
+                           "min_distance_A": record.get("min_distance_A"), "plausible": record.get("plausible")})
     if best is not None and abs(best.rwp - ranked[0]["rwp"]) < 1e-12:
         plot_fit(best, out / "fit.png", title=f"{composition.reduced_formula}: rank 1, Rwp {best.rwp:.2%}")
     summary = {
