@@ -163,6 +163,8 @@ def main() -> None:
 
 
 def table(result: dict) -> str:
+    from xtalsolve.local.evaluate import format_cell
+
     lines = []
     if result["glasses"]:
         head = ("| glass | Si CN counts | 4-fold | mean Si-O (A) | O-Si-O mean (deg) | Si-O-Si mode / mean (deg) | "
@@ -177,7 +179,7 @@ def table(result: dict) -> str:
     lines += ["| method | set | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
     for key, r in result["scores"].items():
         method, dataset = key.split(" | ")
-        lines.append(f"| {method} | {dataset} | " + " | ".join(_fmt(r.get(c)) for c in METRICS) + " |")
+        lines.append(f"| {method} | {dataset} | " + " | ".join(format_cell(r.get(c)) for c in METRICS) + " |")
     lines.append("")
     for k, v in result["ratios"].items():
         lines.append(f"{k}: first-shell MAE x{_ratio(v['first_shell_mae_A'])}, CN error x{_ratio(v['cn_error_rate'])}")
@@ -189,14 +191,6 @@ def table(result: dict) -> str:
 
 def _ratio(v) -> str:
     return "-- (crystalline value 0)" if v is None else f"{v:.2f}"
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}" if np.isfinite(v) else "nan"
-    return str(v)
 
 
 if __name__ == "__main__":

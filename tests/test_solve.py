@@ -142,13 +142,13 @@ def test_hopeless_candidates_are_abandoned_after_the_profile_stage(rutile_patter
 
 
 def test_overlapping_atoms_are_implausible():
-    from xtalsolve.solve import plausible_geometry
+    from xtalsolve.solve import contact_check
 
     rutile = Structure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.594, 2.959), ["Ti", "O"],
                                        [[0, 0, 0], [0.3048, 0.3048, 0]])
-    assert plausible_geometry(rutile)  # Ti-O 1.95 A, O-O 2.53 A
+    assert contact_check(rutile)[1]  # Ti-O 1.95 A, O-O 2.53 A
     collapsed = rutile.copy()
     collapsed.replace(2, "O", coords=rutile[3].frac_coords + [0.03, 0.0, 0.0])  # two O 0.14 A apart
-    assert not plausible_geometry(collapsed)
+    assert not contact_check(collapsed)[1]
     water_like = Structure(Lattice.cubic(6.0), ["O", "H"], [[0, 0, 0], [0.16, 0, 0]])  # O-H 0.96 A
-    assert plausible_geometry(water_like)
+    assert contact_check(water_like)[1]

@@ -64,21 +64,15 @@ def diffusion_generator(checkpoint: str | Path, pattern: Pattern, n_steps: int =
     """Candidates from the trained diffusion model, conditioned on ``pattern`` and (``guided``) steered by it at
     every reverse step through the differentiable forward model."""
     from xtalsolve.data.augment import Augmentation, model_input
-    from xtalsolve.diffusion.guidance import DataGuidance, PatternLoss
+    from xtalsolve.diffusion.guidance import DataGuidance
     from xtalsolve.diffusion.sampler import generate_structures
     from xtalsolve.diffusion.train import load_model
-    from xtalsolve.refine import instrument_of
 
     model = load_model(checkpoint)
-    aug = Augmentation()
-    observed, mask = model_input(pattern, aug)
-    instrument = instrument_of(pattern)
+    observed, mask = model_input(pattern, Augmentation())
 
     def generate(cell: Composition, n: int, seed: int) -> list[Structure]:
-        guidance = None
-        if guided:
-            loss = PatternLoss(aug.grid, observed.double(), mask, instrument=instrument, size=size_hint_A)
-            guidance = DataGuidance(loss)
+        guidance = DataGuidance(pattern_loss(pattern, size_hint_A)) if guided else None
         return generate_structures(model, [cell] * n, n_steps, pattern=observed.expand(n, -1),
                                    mask=mask.expand(n, -1), cfg_scale=cfg_scale, guidance=guidance, seed=seed)
 
@@ -194,26 +188,19 @@ def refine_candidate(pattern: Pattern, structure: Structure, instrument, setting
     return result
 
 
-def plausible_geometry(structure: Structure, factor: float = 0.6) -> bool:
-    """False when two atoms are closer than ``factor`` times the sum of their atomic radii (pymatgen's empirical
-    radii, angstrom): e.g. O-H 0.51, C-C 0.84, Si-O 1.02, Ti-Ti 1.68 angstrom against real contacts of 0.96, 1.42,
-    1.61 and 2.86. Such a candidate may fit the pattern (overlapping atoms act as one heavier atom) but is not
-    a crystal, so it is ranked after every plausible one."""
+def contact_check(structure: Structure, factor: float = 0.6) -> tuple[float, bool]:
+    """The shortest interatomic distance (angstrom, periodic images included) and whether the geometry is
+    plausible: False when two atoms are closer than ``factor`` times the sum of their atomic radii (pymatgen's
+    empirical radii; e.g. O-H 0.51, C-C 0.84, Si-O 1.02, Ti-Ti 1.68 angstrom against real contacts of 0.96,
+    1.42, 1.61 and 2.86). Overlapping atoms can act as one heavier atom and fit the pattern, but such a
+    candidate is not a crystal, so it is ranked after every plausible one."""
+    shortest_cell_edge = float(min(structure.lattice.abc))
     if len(structure) < 2:
-        return True
-    radii = np.array([float(site.specie.atomic_radius or 1.0) if hasattr(site, "specie") else 1.0
-                      for site in structure])
+        return shortest_cell_edge, True
+    radii = np.array([float(site.specie.atomic_radius or 1.0) for site in structure])
     distances = structure.distance_matrix + np.diag([np.inf] * len(structure))
-    return bool(np.all(distances >= factor * (radii[:, None] + radii[None, :])))
-
-
-def _min_distance(structure: Structure) -> float:
-    """Shortest interatomic distance (angstrom), periodic images included: the first sanity check of a solution
-    (atoms closer than ~1 angstrom mean a collapsed, unphysical candidate, however good its Rwp)."""
-    if len(structure) < 2:
-        return float(min(structure.lattice.abc))
-    distances = structure.distance_matrix + np.diag([np.inf] * len(structure))
-    return float(min(distances.min(), min(structure.lattice.abc)))
+    plausible = bool(np.all(distances >= factor * (radii[:, None] + radii[None, :])))
+    return float(min(distances.min(), shortest_cell_edge)), plausible
 
 
 def _candidate_file(directory: Path, z: int, index: int) -> Path:
@@ -314,8 +301,7 @@ def solve(
                        "space_group": result.space_group,
                        "lattice": dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), map(float, result.cell))),
                        "cif": result.structure.to(fmt="cif"), "refined_cif": cif_text(result, "rank"),
-                       "min_distance_A": _min_distance(result.structure),
-                       "plausible": plausible_geometry(result.structure),
+                       **dict(zip(("min_distance_A", "plausible"), contact_check(result.structure))),
                        "seconds": round(result.seconds, 2)}
             key = (not record["plausible"], result.rwp)
             if best is None or key < best_key:

@@ -82,13 +82,14 @@ def markdown_table(rows: dict[str, dict]) -> str:
     cols = ["n", "first_shell_mae_A", "bond_mae_A", "cn_error_rate", "angle_w1_pooled_deg"]
     out = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
-        out.append(f"| {name} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        out.append(f"| {name} | " + " | ".join(format_cell(r.get(c)) for c in cols) + " |")
     out.append(f"| paper (arXiv:2602.16133) | - | ~{PAPER['first_shell_mae_A']} | - | <{PAPER['cn_error_rate']} | - |")
     out.append(f"| paper: EXAFS fit | - | - | - | ~{PAPER['exafs_cn_error_rate']} | - |")
     return "\n".join(out)
 
 
-def _fmt(v) -> str:
+def format_cell(v) -> str:
+    """A table cell: 4 decimals for floats, "-" for missing values."""
     if v is None:
         return "-"
     if isinstance(v, float):

@@ -293,14 +293,17 @@ class Recipe:
         # group, so grouping keeps the sharp low-angle peaks from paying for the broad high-angle ones
         centres, areas, fwhm, eta = (torch.cat(parts) for parts in zip(*self.peaks(full, phase)))
         asym = self.asymmetry(full)
-        reach = (fwhm * (3.0 + self.n_fwhm * eta)).detach()
-        order = torch.argsort(reach)
         total = torch.zeros_like(self._grid)
-        for group in torch.tensor_split(order, max(1, min(self.n_groups, len(order) // 40))):
+        for group in self._window_groups(fwhm, eta):
             index, values = peak_windows(self._grid, centres[group], areas[group], fwhm[group], eta[group],
                                          self.n_fwhm, asym)
             total = total.index_add(0, index.reshape(-1), values.reshape(-1))
         return total
+
+    def _window_groups(self, fwhm: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Peak indices in up to ``n_groups`` groups of similar window size (reach = (3 + n_fwhm eta) FWHM)."""
+        order = torch.argsort((fwhm * (3.0 + self.n_fwhm * eta)).detach())
+        return torch.tensor_split(order, max(1, min(self.n_groups, len(order) // 40)))
 
     def bragg_profile(self, full: torch.Tensor) -> torch.Tensor:
         """Bragg part on the full grid: the first phase unscaled for one phase, else the scaled sum."""
@@ -373,8 +376,7 @@ class Recipe:
             with torch.no_grad():
                 centres, _, fwhm, eta = (torch.cat(parts) for parts in zip(*self.peaks(full, phase)))
                 scale = phase.p(full, "scale")
-                order = torch.argsort(fwhm * (3.0 + self.n_fwhm * eta))
-                for group in torch.tensor_split(order, max(1, min(self.n_groups, len(order) // 40))):
+                for group in self._window_groups(fwhm, eta):
                     index, unit = peak_windows(self._grid, centres[group], torch.ones(len(group), dtype=t.dtype),
                                                fwhm[group], eta[group], self.n_fwhm, asym)
                     part = unit.unsqueeze(-1) * d_area[group].unsqueeze(1)  # (h, W, n)
