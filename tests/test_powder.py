@@ -69,6 +69,29 @@ def test_neutron_matches_pymatgen(mp20_sample):
         np.testing.assert_allclose(i_ours, i_ref, atol=1e-4, rtol=1e-3)
 
 
+def test_debye_waller_per_element_matches_pymatgen(mp20_sample):
+    """Per-site B (one value per element, as the refinement passes them) against pymatgen's
+    debye_waller_factors; a uniform per-site B equals the scalar B."""
+    from xtalsolve.physics.powder import bragg_intensities, enumerate_reflections
+
+    for structure in [s for s in mp20_sample if len(s.composition) >= 2][:5]:
+        b_of = {el.symbol: 0.3 + 0.7 * i for i, el in enumerate(structure.composition)}
+        reference = XRDCalculator(debye_waller_factors=b_of).get_pattern(structure, scaled=False, two_theta_range=(0, 90))
+        batch = CrystalBatch.from_structures([structure])
+        reflections = enumerate_reflections(batch.lattice, 1.54184 / (2 * math.sin(math.radians(45.0))))
+        per_site = torch.tensor([[b_of[site.specie.symbol] for site in structure]], dtype=torch.float64)
+        theta, intensity = bragg_intensities(batch, reflections, 1.54184, per_site, form_factors="pymatgen")
+        two_theta = np.degrees(2 * theta[0].numpy())
+        t_ours, i_ours = cluster_peaks(two_theta[reflections.mask[0].numpy()], intensity[0][reflections.mask[0]].numpy())
+        t_ref, i_ref = cluster_peaks(reference.x, reference.y)
+        strong = i_ref / i_ref.max() > 0.01
+        matched = [np.argmin(np.abs(t_ours - t)) for t in t_ref[strong]]
+        np.testing.assert_allclose(i_ours[matched] / i_ours.max(), i_ref[strong] / i_ref.max(), rtol=0.01)
+        uniform = bragg_intensities(batch, reflections, 1.54184, torch.full_like(per_site, 0.8))[1]
+        scalar = bragg_intensities(batch, reflections, 1.54184, 0.8)[1]
+        np.testing.assert_allclose(uniform, scalar, rtol=1e-10, atol=1e-12 * float(scalar.max()))
+
+
 def test_fcc_extinctions_and_multiplicity():
     """fcc: only unmixed hkl; simple cubic (100) carries multiplicity 6 from enumeration."""
     fcc = Structure.from_spacegroup("Fm-3m", Lattice.cubic(4.0), ["Cu"], [[0, 0, 0]])

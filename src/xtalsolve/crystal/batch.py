@@ -14,6 +14,13 @@ from pymatgen.core import Lattice, Structure
 from xtalsolve.errors import XtalsolveError
 
 
+def ragged_slots(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For items that come in consecutive groups of sizes ``counts``: each item's group and its place in it,
+    the indices that scatter a flat list into a zero-padded (groups, max(counts)) array."""
+    owner = np.repeat(np.arange(len(counts)), counts)
+    return owner, np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 @dataclass
 class CrystalBatch:
     """B crystals padded to N sites each.
@@ -64,24 +71,25 @@ class CrystalBatch:
         structures = [structures] if isinstance(structures, Structure) else list(structures)
         if not structures:
             raise XtalsolveError("no structures given")
-        entries = []
+        frac, numbers, occupancy, counts = [], [], [], []
         for structure in structures:
-            sites = [
-                (site.frac_coords, species.Z, occupancy)
-                for site in structure
-                for species, occupancy in site.species.items()
-            ]
-            if not sites:
+            n_before = len(numbers)
+            for site in structure:
+                for species, share in site.species.items():
+                    frac.append(site.frac_coords)
+                    numbers.append(species.Z)
+                    occupancy.append(share)
+            if len(numbers) == n_before:
                 raise XtalsolveError(f"structure {structure.composition.reduced_formula} has no atoms")
-            entries.append(sites)
-        n_max = max(len(sites) for sites in entries)
-        frac = np.zeros((len(structures), n_max, 3))
-        numbers = np.zeros((len(structures), n_max), dtype=np.int64)
-        occupancy = np.zeros((len(structures), n_max))
-        for i, sites in enumerate(entries):
-            frac[i, : len(sites)] = [s[0] for s in sites]
-            numbers[i, : len(sites)] = [s[1] for s in sites]
-            occupancy[i, : len(sites)] = [s[2] for s in sites]
+            counts.append(len(numbers) - n_before)
+        counts = np.array(counts)
+        owner, slot = ragged_slots(counts)
+        shape = (len(structures), int(counts.max()))
+        padded_frac, padded_numbers, padded_occupancy = np.zeros(shape + (3,)), np.zeros(shape, np.int64), np.zeros(shape)
+        padded_frac[owner, slot] = np.array(frac)
+        padded_numbers[owner, slot] = numbers
+        padded_occupancy[owner, slot] = occupancy
+        frac, numbers, occupancy = padded_frac, padded_numbers, padded_occupancy
         lattice = np.stack([s.lattice.matrix for s in structures])
         return cls(
             torch.as_tensor(lattice, dtype=dtype, device=device),

@@ -21,7 +21,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from xtalsolve.crystal.batch import CrystalBatch
+from xtalsolve.crystal.batch import CrystalBatch, ragged_slots
 from xtalsolve.errors import XtalsolveError
 from xtalsolve.physics.profiles import caglioti_fwhm, pseudo_voigt, scherrer_fwhm, strain_fwhm, tch_fwhm_eta
 from xtalsolve.physics.scattering import check_elements, neutron_scattering_length, xray_form_factor
@@ -70,31 +70,42 @@ def enumerate_reflections(lattice: torch.Tensor | np.ndarray, d_min: float) -> R
     """All hkl with d >= d_min (angstrom), one of each Friedel pair, for each cell of ``lattice`` (B, 3, 3).
 
     Integer bookkeeping, not differentiable: done once per lattice (a refinement enumerates from the start
-    cell with a margin on d_min).
+    cell with a margin on d_min). The whole batch at once: for every (h, k) in a box that holds each cell's
+    limiting sphere (|h| <= |a| / d_min, as |h| = |G.a| <= |G| |a|) the range of l inside the sphere is the
+    root interval of the quadratic 1/d^2(l) = 1/d_min^2, so no l outside it is visited. Within a structure the
+    reflections come in lexicographic (h, k, l) order with h > 0, or h = 0 and k > 0, or h = k = 0 and l > 0.
     """
-    cells = np.asarray(torch.as_tensor(lattice).detach().cpu().double())
+    cells = np.asarray(torch.as_tensor(lattice).detach().cpu().double()).reshape(-1, 3, 3)
     g_max2 = (1.0 / d_min) ** 2 * (1 + 1e-12)
-    per_structure = [_hkl_in_sphere(cell, d_min, g_max2) for cell in cells]
-    n_max = max(1, max(len(x) for x in per_structure))
-    hkl = np.zeros((len(cells), n_max, 3), dtype=np.int64)
-    mask = np.zeros((len(cells), n_max), dtype=bool)
-    for i, rows in enumerate(per_structure):
-        hkl[i, : len(rows)] = rows
-        mask[i, : len(rows)] = True
+    n_cells = len(cells)
+    b = np.floor(np.linalg.norm(cells, axis=2) / d_min + 1e-9).astype(int).max(0)
+    m = np.linalg.inv(cells @ cells.transpose(0, 2, 1))  # reciprocal metrics: 1/d^2 = h.m.h
+    h = np.arange(0, b[0] + 1, dtype=float)[None, :, None]
+    k = np.arange(-b[1], b[1] + 1, dtype=float)[None, None, :]
+    mm = lambda i, j: m[:, i, j].reshape(-1, 1, 1)  # noqa: E731
+    constant = mm(0, 0) * h * h + mm(1, 1) * k * k + 2.0 * mm(0, 1) * h * k - g_max2  # (B, h, k)
+    linear = 2.0 * (mm(0, 2) * h + mm(1, 2) * k)
+    quadratic = mm(2, 2)
+    root = np.sqrt(np.clip(linear * linear - 4.0 * quadratic * constant, 0.0, None))
+    l_lo = np.ceil((-linear - root) / (2.0 * quadratic)) - 1  # one l of slack each side, cut exactly below
+    l_hi = np.floor((-linear + root) / (2.0 * quadratic)) + 1
+    l_lo = np.where((h == 0) & (k == 0), np.maximum(l_lo, 1), l_lo)  # one Friedel half
+    count = np.where((h > 0) | (k > 0), l_hi - l_lo + 1, np.where(k == 0, l_hi - l_lo + 1, 0))
+    count = np.clip(count, 0, None).astype(np.int64).ravel()
+    owner, ih, ik, l_first, c_row, b_row, a_row = (np.repeat(np.broadcast_to(x, constant.shape).ravel(), count) for x in (
+        np.arange(n_cells).reshape(-1, 1, 1), h, k, l_lo, constant, linear, quadratic))
+    il = l_first + (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count))
+    keep = c_row + il * (b_row + a_row * il) <= 0.0  # 1/d^2 <= 1/d_min^2
+    owner = owner[keep]
+    hkl_flat = np.stack([ih[keep], ik[keep], il[keep]], axis=1).astype(np.int64)
+    counts = np.bincount(owner, minlength=n_cells)
+    n_max = max(1, int(counts.max()) if len(counts) else 1)
+    slot = ragged_slots(counts)[1]
+    hkl = np.zeros((n_cells, n_max, 3), dtype=np.int64)
+    mask = np.zeros((n_cells, n_max), dtype=bool)
+    hkl[owner, slot] = hkl_flat
+    mask[owner, slot] = True
     return Reflections(torch.from_numpy(hkl), torch.from_numpy(mask))
-
-
-def _hkl_in_sphere(cell: np.ndarray, d_min: float, g_max2: float) -> np.ndarray:
-    """hkl (M, 3) with 0 < 1/d^2 <= g_max2 and h > 0, or h = 0 and k > 0, or h = k = 0 and l > 0."""
-    b = np.floor(np.linalg.norm(cell, axis=1) / d_min + 1e-9).astype(int)  # |h| = |G.a| <= |G| |a|
-    m = np.linalg.inv(cell @ cell.T)  # reciprocal metric: 1/d^2 = h.m.h
-    h = np.arange(0, b[0] + 1)[:, None, None]
-    k = np.arange(-b[1], b[1] + 1)[None, :, None]
-    l = np.arange(-b[2], b[2] + 1)[None, None, :]
-    g2 = m[0, 0] * h * h + m[1, 1] * k * k + m[2, 2] * l * l + 2 * (m[0, 1] * h * k + m[0, 2] * h * l + m[1, 2] * k * l)
-    half = (h > 0) | ((h == 0) & (k > 0)) | ((h == 0) & (k == 0) & (l > 0))
-    ih, ik, il = np.nonzero(half & (g2 <= g_max2))
-    return np.stack([ih, ik - b[1], il - b[2]], axis=1)
 
 
 def _per_structure(value: Number | None, batch_size: int, like: torch.Tensor) -> torch.Tensor:
@@ -152,18 +163,30 @@ def bragg_intensities(
     valid = reflections.mask.to(lattice.device) & (sin_theta < 1.0 - 1e-9)
     theta = torch.asin(torch.where(valid, sin_theta, torch.full_like(sin_theta, 0.5)))
 
+    # F = sum_e f_e(s) sum_{j in e} occ_j T_j(s) exp(2 pi i h.x_j): the geometric sums per species e are one
+    # batched matrix product with the (B, N, E) matrix of occupancies by species, so that form factors are
+    # evaluated once per species and never gathered onto sites
     if radiation == "neutron":
-        lengths = torch.nan_to_num(neutron_scattering_length(batch.numbers, dtype=lattice.dtype))
-        f_atom = lengths.unsqueeze(1).expand(bsz, hkl.shape[1], n_sites)
-    else:  # form factors once per species of each structure, then gathered onto its sites
+        species = batch.numbers
+        site_species = torch.arange(n_sites, device=lattice.device).expand(bsz, n_sites)
+        f_species = torch.nan_to_num(neutron_scattering_length(species, dtype=lattice.dtype)).unsqueeze(1)  # (B, 1, N)
+    else:
         species, site_species = species_per_structure(batch.numbers)
         f_species = xray_form_factor(species, s2, form_factors)  # (B, H, E)
-        f_atom = torch.gather(f_species, 2, site_species.unsqueeze(1).expand(bsz, hkl.shape[1], n_sites))
+    occupancy_by_species = torch.zeros(bsz, n_sites, species.shape[1], dtype=lattice.dtype, device=lattice.device)
+    occupancy_by_species.scatter_(2, site_species.unsqueeze(-1), batch.occupancy.unsqueeze(-1))
+    phase = torch.bmm(hkl, (2.0 * math.pi) * frac.transpose(1, 2))  # (B, H, N)
+    cos_phase, sin_phase = torch.cos(phase), torch.sin(phase)
     b = torch.as_tensor(biso, dtype=lattice.dtype, device=lattice.device)
-    b = b.reshape(bsz, 1, n_sites) if b.numel() == bsz * n_sites and b.dim() == 2 else b.reshape(-1, 1, 1)
-    weight = f_atom * batch.occupancy.unsqueeze(1) * torch.exp(-b * s2.unsqueeze(-1))
-    phase = (2.0 * math.pi) * torch.einsum("bhi,bni->bhn", hkl, frac)
-    f_squared = (weight * torch.cos(phase)).sum(-1) ** 2 + (weight * torch.sin(phase)).sum(-1) ** 2
+    if b.numel() == bsz * n_sites and b.dim() == 2:  # per-site Debye-Waller factors weight the sums
+        debye_waller = torch.exp(-b.unsqueeze(1) * s2.unsqueeze(-1))
+        cos_phase, sin_phase = cos_phase * debye_waller, sin_phase * debye_waller
+        overall = 1.0
+    else:  # one B per structure: a factor on |F|^2
+        overall = torch.exp(-2.0 * b.reshape(-1, 1) * s2)
+    f_real = (torch.bmm(cos_phase, occupancy_by_species) * f_species).sum(-1)
+    f_imag = (torch.bmm(sin_phase, occupancy_by_species) * f_species).sum(-1)
+    f_squared = (f_real**2 + f_imag**2) * overall
     intensity = 2.0 * f_squared * lorentz_polarisation(theta, radiation, monochromator_2theta)
     return theta, torch.where(valid, intensity, torch.zeros_like(intensity))
 
@@ -250,23 +273,28 @@ def render_peaks(
     as the grid falls back to dense evaluation.
     """
     n_points = grid.shape[0]
-    step = torch.min(torch.diff(grid)).item() if n_points > 1 else 1.0
+    steps = torch.diff(grid) if n_points > 1 else torch.ones(1, dtype=grid.dtype)
+    step, widest_step = float(steps.min()), float(steps.max())
     reach = (fwhm * (3.0 + n_fwhm * eta)).detach().max() if fwhm.numel() else 0.0
     half = int(math.ceil(float(reach) / step))
     bsz, n_peaks = centres.shape
-    out = torch.zeros(bsz, n_points, dtype=areas.dtype, device=areas.device)
     if n_peaks == 0:
-        return out
+        return torch.zeros(bsz, n_points, dtype=areas.dtype, device=areas.device)
+    fwhm, eta, areas = fwhm.unsqueeze(-1), eta.unsqueeze(-1), areas.unsqueeze(-1)
     if 2 * half + 1 >= n_points:  # broad peaks: every point sees every peak
-        dx = grid.view(1, 1, -1) - centres.unsqueeze(-1)
-        return (pseudo_voigt(dx, fwhm.unsqueeze(-1), eta.unsqueeze(-1)) * areas.unsqueeze(-1)).sum(1)
-    offsets = torch.arange(-half, half + 1, device=grid.device)
-    index = torch.searchsorted(grid, centres.detach().contiguous()).unsqueeze(-1) + offsets  # (B, H, W)
-    inside = (index >= 0) & (index < n_points)
-    index = index.clamp(0, n_points - 1)
-    dx = grid[index] - centres.unsqueeze(-1)
-    values = pseudo_voigt(dx, fwhm.unsqueeze(-1), eta.unsqueeze(-1)) * areas.unsqueeze(-1) * inside
-    return out.scatter_add(1, index.reshape(bsz, -1), values.reshape(bsz, -1))
+        return pseudo_voigt(grid.view(1, 1, -1) - centres.unsqueeze(-1), fwhm, eta, areas).sum(1)
+    # grid with one sentinel point at each end: window points off the grid land there and are dropped
+    padded = torch.cat([grid[:1] - step, grid, grid[-1:] + step])
+    offsets = torch.arange(-half + 1, half + 2, device=grid.device)
+    if widest_step - step <= 1e-3 * step:  # uniform grid: the index is arithmetic, no search needed
+        first, mean_step = float(grid[0]), float(grid[-1] - grid[0]) / (n_points - 1)
+        nearest = torch.ceil((centres.detach() - first) / mean_step).long().clamp_(-half - 1, n_points + half)
+    else:
+        nearest = torch.searchsorted(grid, centres.detach().contiguous())
+    index = (nearest.unsqueeze(-1) + offsets).clamp_(0, n_points + 1)
+    values = pseudo_voigt(padded[index] - centres.unsqueeze(-1), fwhm, eta, areas)
+    out = torch.zeros(bsz, n_points + 2, dtype=values.dtype, device=values.device)
+    return out.scatter_add(1, index.reshape(bsz, -1), values.reshape(bsz, -1))[:, 1:-1]
 
 
 def render_binned(

@@ -68,6 +68,12 @@ def _neutron_lengths_fm() -> np.ndarray:
     return lengths
 
 
+@lru_cache(maxsize=None)
+def _as_tensors(table, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+    """A coefficient table as torch tensors, converted once per dtype and device."""
+    return tuple(torch.as_tensor(t, dtype=dtype, device=device) for t in table())
+
+
 def check_elements(numbers, radiation: str = "xray", source: str | None = None) -> None:
     """Raise a clear error for atomic numbers that the chosen table does not cover."""
     numbers = np.unique(np.asarray(numbers))
@@ -91,10 +97,10 @@ def xray_form_factor(numbers: torch.Tensor, s2: torch.Tensor, table: str = "waas
     if numbers.dim() == 2:  # per-structure species: broadcast (B, 1, U, ...) against (B, H, 1, 1)
         numbers = numbers.unsqueeze(1)
     if table == "waasmaier-kirfel":
-        a, b, c = (torch.as_tensor(t, dtype=dtype, device=device) for t in _waasmaier_kirfel())
+        a, b, c = _as_tensors(_waasmaier_kirfel, dtype, device)
         return c[numbers] + (a[numbers] * torch.exp(-b[numbers] * s2)).sum(-1)
     if table == "pymatgen":
-        a, b = (torch.as_tensor(t, dtype=dtype, device=device) for t in _pymatgen_mott_bethe())
+        a, b = _as_tensors(_pymatgen_mott_bethe, dtype, device)
         z = numbers.to(dtype)
         return z - 41.78214 * s2[..., 0] * (a[numbers] * torch.exp(-b[numbers] * s2)).sum(-1)
     raise XtalsolveError(f"unknown form-factor table {table!r}; use one of {', '.join(FORM_FACTOR_TABLES)}")
