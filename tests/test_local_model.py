@@ -1,8 +1,10 @@
 """Diffusion model: numerical E(3) equivariance of the EGNN denoiser, masking, a tiny training run, checkpoints."""
 
 import numpy as np
+import pytest
 import torch
 
+from xtalsolve.errors import XtalsolveError
 from xtalsolve.io.spectra import FEATURE_GRID_EV
 from xtalsolve.local.clusters import Cluster, first_shell
 from xtalsolve.local.library import SpectrumLibrary, cluster_arrays
@@ -87,6 +89,14 @@ def test_tiny_training_learns_counts_and_resumes(tmp_path):
     more = []
     train(lib, cfg, epochs=27, batch=32, lr=3e-3, seed=0, checkpoint=ckpt, log=more.append)
     assert len(more) == 1 and more[0].startswith("epoch 26")
+    # fine-tuning: a new run started from the trained weights begins where they are (lower loss than from scratch)
+    tuned, scratch = [], []
+    train(lib, cfg, epochs=1, batch=32, lr=1e-5, seed=1, checkpoint=tmp_path / "tuned.pt", log=tuned.append, init=ckpt)
+    train(lib, cfg, epochs=1, batch=32, lr=1e-5, seed=1, checkpoint=tmp_path / "scratch.pt", log=scratch.append)
+    assert float(tuned[0].split()[-1]) < float(scratch[0].split()[-1])
+    with pytest.raises(XtalsolveError, match="differs in hidden"):
+        train(lib, EDMConfig(hidden=16, layers=2, cond_dim=16, steps=30), epochs=1, checkpoint=tmp_path / "x.pt",
+              log=None, init=ckpt)
     assert torch.load(ckpt, weights_only=False)["epoch"] == 26
     # same seed, same sampling
     again = sample_clusters(loaded, cfg_d, lib.features[1], 4, "Si", seed=0)

@@ -54,6 +54,23 @@ def test_iter_clusters_on_one_zeolite(tmp_path):
     assert len({c.meta["split"] for c in cls}) == 1 and cls[0].meta["material_key"].startswith("SiO2|")
     again = list(iter_clusters("Si", sources=("zeolites",), n_perturbed=4, data_dir=tmp_path))
     assert all(np.array_equal(a.positions, b.positions) for a, b in zip(cls, again))
+    assert list(iter_clusters("Si", sources=("zeolites",), n_perturbed=4, data_dir=tmp_path, min_cn=5)) == []
+
+
+def test_min_cn_keeps_six_fold_sites(tmp_path):
+    """A crystal with four- and six-fold Si (stishovite next to quartz in one source): min_cn=5 keeps the
+    six-fold site and its copies, the vacancy copy being five-fold."""
+    from pymatgen.core import Lattice, Structure
+
+    zeo = tmp_path / "structures" / "zeolites_iza"
+    zeo.mkdir(parents=True)
+    stishovite = Structure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.1773, 2.6655), ["Si", "O"],
+                                           [[0, 0, 0], [0.3062, 0.3062, 0]])
+    (zeo / "STI.cif").write_text(stishovite.to(fmt="cif"))
+    (zeo / "QTZ.cif").write_text(quartz().to(fmt="cif"))
+    cls = list(iter_clusters("Si", sources=("zeolites",), n_perturbed=4, data_dir=tmp_path, min_cn=5))
+    assert [first_shell(c).coordination_number for c in cls] == [6, 6, 6, 6, 5]
+    assert {c.meta["material_key"] for c in cls} == {"SiO2|136"}
 
 
 def test_library_roundtrip_and_template_self_match(tmp_path):

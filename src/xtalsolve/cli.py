@@ -99,13 +99,15 @@ def spectra_generate(
     perturbed: Annotated[int, typer.Option("--perturbed", help="Perturbed copies per site.")] = 4,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     max_z: Annotated[Optional[int], typer.Option("--max-z", help="Skip crystals with heavier elements.")] = None,
+    min_cn: Annotated[int, typer.Option("--min-cn", help="Only sites with at least this many first-shell ligands "
+                                                         "(5: five- and six-fold Si).")] = 0,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (for logs).")] = False,
 ):
     """Compute FEFF10 XANES of absorber-centred clusters (cached by input hash, resumable)."""
     from xtalsolve.local.dataset import check_absorber, generate
 
     result = generate(out, check_absorber(absorber), check_absorber(ligand), tuple(sources.split(",")), limit,
-                      workers, perturbed, seed, max_z=max_z, progress=not no_progress)
+                      workers, perturbed, seed, max_z=max_z, progress=not no_progress, min_cn=min_cn)
     typer.echo(json.dumps(result))
 
 
@@ -176,6 +178,11 @@ def spectra_train(
     steps: Annotated[int, typer.Option("--steps", help="Diffusion steps.")] = 500,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (small graphs: 1 is fastest).")] = 1,
+    lr_final: Annotated[Optional[float], typer.Option("--lr-final", help="Cosine decay of the learning rate to this "
+                                                                         "value over the epochs.")] = None,
+    ema: Annotated[float, typer.Option("--ema", help="EMA decay of the weights (0: none).")] = 0.999,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint's weights (fine-tuning "
+                                                                "on a grown library).")] = None,
 ):
     """Train the spectrum-conditioned equivariant diffusion model on the library's training split."""
     import torch
@@ -191,7 +198,12 @@ def spectra_train(
         raise XtalsolveError("no training-split spectra", library)
     absorber = train_lib.meta[0].get("absorber", "Si")
     cfg = EDMConfig(hidden=hidden, layers=layers, steps=steps, absorber=absorber)
-    train(train_lib, cfg, epochs=epochs, batch=batch, lr=lr, seed=seed, checkpoint=out, log=typer.echo)
+    if init is not None and not init.exists():
+        raise XtalsolveError("no such checkpoint", init)
+    if not 0.0 <= ema < 1.0:
+        raise XtalsolveError(f"the EMA decay must be in [0, 1), not {ema}", "--ema")
+    train(train_lib, cfg, epochs=epochs, batch=batch, lr=lr, seed=seed, checkpoint=out, log=typer.echo, ema=ema,
+          lr_final=lr_final, init=init)
     typer.echo(f"saved {out}")
 
 
@@ -402,11 +414,15 @@ def refine(
     radiation: RadiationOpt = None,
     x_unit: XUnitOpt = None,
     lebail: Annotated[bool, typer.Option("--lebail", help="Le Bail fit (cell and space group only).")] = False,
-    background: Annotated[int, typer.Option("--background", help="Chebyshev background terms.")] = 8,
+    background: Annotated[Optional[int], typer.Option("--background", help="Chebyshev background terms (default: one "
+                                                                            "per 5 degrees of range, 8-24).")] = None,
     symprec: Annotated[float, typer.Option("--symprec", help="Symmetry tolerance (angstrom).")] = 0.05,
     displacement: Annotated[bool, typer.Option("--displacement/--no-displacement",
                                                help="Refine sample displacement.")] = True,
     asymmetry: Annotated[int, typer.Option("--asymmetry", help="Berar-Baldinozzi asymmetry terms refined (0, 2, 4).")] = 0,
+    texture: Annotated[str, typer.Option("--texture", help="March-Dollase preferred orientation: none, auto (search "
+                                                           "the low-index axes, keep one that clearly helps) or an "
+                                                           "axis h,k,l.")] = "none",
 ):
     """Rietveld (or Le Bail) refinement of one or more phases against a measured pattern, in stages."""
     import warnings
@@ -431,6 +447,7 @@ def refine(
         except Exception as err:  # pymatgen raises many kinds for a bad CIF
             raise XtalsolveError(f"cannot read the structure: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
                                  structure) from err
+    texture_option = _texture_option(texture)
     console = Console(stderr=True)
     progress = lambda s: console.print(f"{s['stage']:<28} Rwp {100 * s['rwp']:6.2f} %  ({s['n_free']} free, {s['seconds']:.0f} s)")  # noqa: E731
     instrument = engine.instrument_of(data, radiation)
@@ -439,11 +456,25 @@ def refine(
     if lebail:
         result = engine.lebail(data, start, instrument, **options)
     else:
-        result = engine.refine(data, start, instrument, displacement=displacement, **options)
+        result = engine.refine(data, start, instrument, displacement=displacement, texture=texture_option, **options)
     paths = write_outputs(result, out)
     typer.echo(json.dumps({"rwp": result.rwp, "rp": result.rp, "gof": result.gof, "r_bragg": result.r_bragg,
                            "weight_fractions": {p.name: p.weight_fraction for p in result.phases},
                            "outputs": {k: str(v) for k, v in paths.items()}}))
+
+
+def _texture_option(text: str):
+    """--texture: none -> None, auto -> "auto", h,k,l -> an axis tuple."""
+    value = text.strip().lower()
+    if value in ("none", "auto"):
+        return None if value == "none" else "auto"
+    try:
+        axis = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        axis = ()
+    if len(axis) != 3 or not any(axis):
+        raise XtalsolveError(f"must be none, auto or an axis h,k,l such as 0,0,1, not {text!r}", "--texture")
+    return axis
 
 
 @app.command()

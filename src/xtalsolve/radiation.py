@@ -31,6 +31,13 @@ MIN_WAVELENGTH_A = 0.01  # 1.2 MeV photons; shorter is not a diffraction experim
 MAX_WAVELENGTH_A = 20.0  # very cold neutrons; longer is absurd for crystallography
 
 
+def tube_line(wavelength: float, tolerance: float = 2e-3) -> str | None:
+    """Name of the laboratory X-ray tube line within ``tolerance`` (angstrom) of ``wavelength``, or None
+    (a synchrotron or neutron wavelength)."""
+    name = min(WAVELENGTHS_A, key=lambda n: abs(WAVELENGTHS_A[n] - wavelength))
+    return name if abs(WAVELENGTHS_A[name] - wavelength) <= tolerance else None
+
+
 def wavelength_of(radiation: str) -> float:
     """Wavelength in angstrom of a named radiation (case-insensitive, e.g. ``"CuKa"``, ``"MoKa1"``)."""
     for name, value in WAVELENGTHS_A.items():

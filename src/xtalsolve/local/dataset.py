@@ -174,12 +174,15 @@ def iter_clusters(
     max_atoms_per_cell: int = 400,
     max_z: int | None = None,
     data_dir: Path | None = None,
+    min_cn: int = 0,
 ) -> Iterator[Cluster]:
     """Clusters for FEFF: per unique absorber site, the unperturbed cluster then ``n_perturbed`` perturbed copies.
 
     Materials are visited in a seeded random order (so a partial run covers all sources). Perturbation kinds cycle
     through stretch, bend, rattle, vacancy; the seed of copy ``k`` is derived from (seed, material, site, k).
-    ``max_z`` skips crystals holding heavier elements (FEFF's SCF is 3-10x slower with transition metals).
+    ``max_z`` skips crystals holding heavier elements (FEFF's SCF is 3-10x slower with transition metals);
+    ``min_cn`` keeps only sites with at least that many first-shell ligands (e.g. 5: the five- and six-fold Si of
+    high-pressure phases, rare among crystals and so needed on purpose; their vacancy copies are one lower).
     ``meta`` of each cluster: source, material_id, formula, material_key, split, site, perturbation.
     """
     refs = material_refs(absorber, ligand, sources, data_dir)
@@ -199,6 +202,8 @@ def iter_clusters(
             meta = {"source": ref.source, "material_id": ref.material_id, "formula": s.composition.reduced_formula,
                     "material_key": key, "split": split, "absorber": absorber}
             base = cut_cluster(s, site, n_atoms=n_atoms, meta=meta)
+            if len(first_shell_indices(base, ligand)) < min_cn:
+                continue
             yield base
             for k in range(n_perturbed):
                 kind = PERTURBATION_CYCLE[k % len(PERTURBATION_CYCLE)]
@@ -230,6 +235,7 @@ def generate(
     n_atoms: int = 49,
     max_z: int | None = None,
     progress: bool = True,
+    min_cn: int = 0,
 ) -> dict:
     """Compute FEFF10 spectra of up to ``limit`` clusters into the cache directory ``out`` (resumable).
 
@@ -243,7 +249,7 @@ def generate(
     if bad:
         raise XtalsolveError(f"unknown source(s) {sorted(bad)}; choose from {list(SOURCES)}", "--sources")
     clusters = iter_clusters(absorber, ligand, sources, n_perturbed=n_perturbed, n_atoms=n_atoms, seed=seed,
-                             max_z=max_z)
+                             max_z=max_z, min_cn=min_cn)
     if limit is not None:
         clusters = islice(clusters, limit)
     return compute_spectra(clusters, SpectrumCache(out), FeffSettings(), workers=workers, progress=progress,

@@ -209,14 +209,16 @@ def training_arrays(lib: SpectrumLibrary, cfg: EDMConfig) -> tuple[torch.Tensor,
 
 def train(lib: SpectrumLibrary, cfg: EDMConfig, epochs: int = 200, batch: int = 64, lr: float = 1e-3, seed: int = 0,
           checkpoint: str | Path | None = None, log=print, ema: float = 0.999,
-          lr_final: float | None = None) -> LocalEDM:
+          lr_final: float | None = None, init: str | Path | None = None) -> LocalEDM:
     """Train on ``lib`` (already restricted to the training split) with Adam; seeded. Resumes from ``checkpoint``
     when it exists and saves it after every epoch. No rotation augmentation: the denoiser is equivariant and the
     count model sees only the spectrum.
 
     ``ema`` > 0 (default) keeps an exponential moving average of the weights (decay per optimiser step, warmed up as
     min(ema, (1 + n) / (10 + n))), saved as ``ema`` in the checkpoint and preferred by :func:`load_model`.
-    ``lr_final`` set: cosine decay of the learning rate from ``lr`` to ``lr_final`` over ``epochs``."""
+    ``lr_final`` set: cosine decay of the learning rate from ``lr`` to ``lr_final`` over ``epochs``.
+    ``init``: start from the weights of a trained (e.g. inference-only) checkpoint of the same architecture, to
+    fine-tune on a grown library; ignored when ``checkpoint`` exists (resuming wins)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     cfg.grid = [float(g) for g in lib.grid]
@@ -227,6 +229,13 @@ def train(lib: SpectrumLibrary, cfg: EDMConfig, epochs: int = 200, batch: int = 
     start = 0
     avg = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema > 0 else None
     n_updates = 0
+    if init is not None and not (checkpoint and Path(checkpoint).exists()):
+        start_model, _ = load_model(init)
+        different = [k for k, v in asdict(cfg).items() if asdict(start_model.cfg).get(k) != v]
+        if different:
+            raise XtalsolveError(f"the start checkpoint differs in {', '.join(different)}", str(init))
+        model.load_state_dict(start_model.state_dict())
+        avg = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema > 0 else None
     if checkpoint and Path(checkpoint).exists():
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])

@@ -43,41 +43,59 @@ def _profile(pattern, excluded) -> Profile:
 
 def refine(pattern: Pattern | Profile, structure: Structure | list[Structure], instrument: Instrument | None = None,
            *, stages=STAGES, progress=None, max_nfev: int = 30, excluded=(), lebail_start: bool = False,
-           scan: bool = True, orientations: bool = True, **options) -> RefinementResult:
+           scan: bool = True, orientations: bool = True, texture=None, **options) -> RefinementResult:
     """Rietveld refinement of ``structure`` (or of a list of phases, one contribution each) against ``pattern``
     in the usual stages (scale/background -> cell/zero -> profile -> positions -> B and occupancies).
-    ``options`` go to :class:`Recipe` (n_background, symprec, displacement, texture, profile_params, biso, size,
-    asymmetry, refine_ratio, occupancies, names). ``lebail_start``: first fit the cells, zero and displacement by
-    Le Bail (intensities free, so wrong atoms cannot pull the cells), then start the Rietveld stages from them
-    without the cell scan. ``scan`` / ``orientations``: the isotropic cell scan before the cell stage and the
-    swapped starts of pseudo-symmetric cells (both on by default; off for candidates already fitted to the
-    pattern, as in ``solve``). ``result.phases`` holds each phase's structure, cell and Hill-Howard weight fraction;
-    ``result.structure`` etc. are the first phase's."""
+    ``options`` go to :class:`Recipe` (n_background, symprec, displacement, profile_params, biso, size,
+    asymmetry, refine_ratio, occupancies, names). ``texture``: a March-Dollase axis hkl, a list of axes (or None)
+    per phase, or "auto": after the stages, try the low-index axes on each phase and keep one only where it lowers
+    Rwp clearly (:func:`xtalsolve.refine.texture.search_texture`). ``lebail_start``: first fit the cells, zero
+    and displacement by Le Bail (intensities free, so wrong atoms cannot pull the cells), then start the
+    Rietveld stages from them without the cell scan. ``scan`` / ``orientations``: the isotropic cell scan before
+    the cell stage and the swapped starts of pseudo-symmetric cells (both on by default; off for candidates
+    already fitted to the pattern, as in ``solve``). ``result.phases`` holds each phase's structure, cell and
+    Hill-Howard weight fraction; ``result.structure`` etc. are the first phase's."""
     import time
 
+    auto_texture = isinstance(texture, str)
+    if auto_texture and texture != "auto":
+        raise XtalsolveError(f"texture must be an axis h,k,l, a list of axes, None or 'auto', not {texture!r}", "texture")
     if instrument is None:
         instrument = instrument_of(pattern)
     profile = _profile(pattern, excluded)
-    recipe = Recipe(profile, structure, instrument, **options)
-    if not lebail_start:
-        return recipe.refine(stages=stages, progress=progress, max_nfev=max_nfev, scan=scan,
-                             orientations=orientations)
-    from xtalsolve.refine.lebail import lebail_recipe, refine_lebail
-
     t0 = time.perf_counter()
-    pre = lebail_recipe(profile, structure, instrument, **options)
-    refine_lebail(pre, cycles=4)
-    for p in pre.parameters:
-        if p.group in ("lattice", "zero") and p.name in recipe.parameters:
-            recipe.parameters[p.name].value = p.value
-    record = {"stage": "lebail start", "rwp": pre.rwp(), "n_free": len(pre.parameters.free),
-              "seconds": round(time.perf_counter() - t0, 2)}
-    if progress is not None:
-        progress(record)
-    result = recipe.refine(stages=stages, progress=progress, max_nfev=max_nfev, scan=False,
+    recipe = Recipe(profile, structure, instrument, texture=None if auto_texture else texture, **options)
+    start_record = None
+    if lebail_start:
+        from xtalsolve.refine.lebail import lebail_recipe, refine_lebail
+
+        pre = lebail_recipe(profile, structure, instrument, **options)
+        refine_lebail(pre, cycles=4)
+        for p in pre.parameters:
+            if p.group in ("lattice", "zero") and p.name in recipe.parameters:
+                recipe.parameters[p.name].value = p.value
+        start_record = {"stage": "lebail start", "rwp": pre.rwp(), "n_free": len(pre.parameters.free),
+                        "seconds": round(time.perf_counter() - t0, 2)}
+        if progress is not None:
+            progress(start_record)
+    result = recipe.refine(stages=stages, progress=progress, max_nfev=max_nfev, scan=scan and not lebail_start,
                            orientations=orientations)
-    result.stages.insert(0, record)
-    result.seconds += record["seconds"]
+    if auto_texture:
+        from xtalsolve.refine.texture import search_texture
+
+        released = tuple(dict.fromkeys(group for _, groups in stages for group in groups))
+        kept, record = search_texture(
+            recipe, lambda axes: Recipe(profile, structure, instrument, texture=axes, **options), released)
+        if progress is not None:
+            progress(record)
+        if kept is not recipe:
+            kept.stages = list(recipe.stages)
+            kept._esds()
+            result = kept.result(time.perf_counter() - t0)
+        result.stages.append(record)
+    if start_record is not None:
+        result.stages.insert(0, start_record)
+    result.seconds = time.perf_counter() - t0
     return result
 
 

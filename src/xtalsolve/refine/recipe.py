@@ -132,11 +132,12 @@ class Recipe:
 
     profile: observed data; structures: one pymatgen Structure or a list (one contribution each; each idealised
     to its space group at ``symprec``, angstrom); instrument: wavelengths, radiation and start values of U, V, W,
-    X, Y; n_background: Chebyshev terms; displacement: refine the sample displacement (mm); texture: March-Dollase
-    axis (hkl) or None (one ratio per phase); profile_params: which of w, v, u, x, y, size, strain the profile
-    stage releases (per phase); biso, size: start values (a list gives one per phase); asymmetry: number of
-    Berar-Baldinozzi terms refined in the profile stage (0, 2 = P1, P2 in 1/tan(theta), or 4); refine_ratio:
-    refine the Kalpha2/Kalpha1 ratio in the profile stage; occupancies: one occupancy per independent site (0-1),
+    X, Y; n_background: Chebyshev terms (None: :func:`background_terms`); displacement: refine the sample
+    displacement (mm); texture: March-Dollase axis (hkl) or None, or a list with one of those per phase (one ratio
+    per textured phase); profile_params: which of w, v, u, x, y, size, strain the profile stage releases (per
+    phase); biso, size: start values (a list gives one per phase); asymmetry: number of Berar-Baldinozzi terms
+    refined in the profile stage (0, 2 = P1, P2 in 1/tan(theta), or 4); refine_ratio: refine the Kalpha2/Kalpha1
+    ratio in the profile stage; occupancies: one occupancy per independent site (0-1),
     released with B; names: phase labels (default: reduced formulas).
     """
 
@@ -145,10 +146,10 @@ class Recipe:
         profile: Profile,
         structure: Structure | list[Structure],
         instrument: Instrument,
-        n_background: int = 8,
+        n_background: int | None = None,
         symprec: float = 0.05,
         displacement: bool = False,
-        texture: tuple[int, int, int] | None = None,
+        texture: tuple[int, int, int] | list | None = None,
         profile_params: tuple[str, ...] = ("w", "v", "u", "x", "size"),
         biso: float | dict | list = 0.5,
         size: float | None | list = None,
@@ -172,10 +173,13 @@ class Recipe:
         self.blur = 0.0  # extra Gaussian FWHM (degrees) used while the lattice is still far off
         self.wavelengths = [instrument.wavelength] + ([instrument.wavelength2] if instrument.wavelength2 else [])
         labels = phase_names(structures, names)
+        textures = list(texture) if isinstance(texture, list) else [texture] * len(structures)
+        if len(textures) != len(structures):
+            raise XtalsolveError(f"{len(textures)} texture axes for {len(structures)} phases", "texture")
         self.phases = [
             Phase(s, instrument, self.wavelengths, float(profile.x.max()), name=label,
-                  prefix="" if len(structures) == 1 else f"{label}:", symprec=symprec, lebail=lebail, texture=texture)
-            for s, label in zip(structures, labels)
+                  prefix="" if len(structures) == 1 else f"{label}:", symprec=symprec, lebail=lebail, texture=axis)
+            for s, label, axis in zip(structures, labels, textures)
         ]
         mask = profile.mask
         self._mask = torch.as_tensor(mask)
@@ -183,6 +187,9 @@ class Recipe:
         self._y = torch.as_tensor(profile.y[mask])
         self._sigma = torch.as_tensor(profile.sigma[mask])
         span = profile.x.max() - profile.x.min()
+        n_background = background_terms(profile) if n_background is None else int(n_background)
+        if n_background < 1:
+            raise XtalsolveError(f"the background needs at least one Chebyshev term, not {n_background}", "--background")
         self._chebyshev = torch.as_tensor(
             np.polynomial.chebyshev.chebvander(2.0 * (profile.x - profile.x.min()) / span - 1.0, n_background - 1)
         )
@@ -786,6 +793,20 @@ class RefinementResult:
             "seconds": round(self.seconds, 2),
             "phases": [phase.summary() for phase in self.phases],
         }
+
+
+def background_terms(profile: Profile, per_degrees: float = 5.0, fewest: int = 8, most: int = 24) -> int:
+    """Default number of Chebyshev background terms: one per ``per_degrees`` of 2theta range (a capillary or
+    amorphous hump needs them over a long scan), between ``fewest`` and ``most``, and no more than one per four
+    widths of the strongest peak (or fewest), so that broad nanocrystal peaks cannot be taken for background."""
+    from scipy.ndimage import minimum_filter1d
+
+    x, y = profile.x[profile.mask], profile.y[profile.mask]
+    span = float(x.max() - x.min())
+    step = float(np.median(np.diff(x)))
+    envelope = minimum_filter1d(y, max(3, round(max(1.5, span / 10.0) / step)))  # wider than any peak
+    fwhm = _strongest_peak_fwhm(x, y - envelope)
+    return int(np.clip(round(span / per_degrees), fewest, max(fewest, min(most, span / (4.0 * fwhm)))))
 
 
 def _strongest_peak_fwhm(x: np.ndarray, y: np.ndarray) -> float:
