@@ -42,8 +42,9 @@ def test_shipped_model_recovers_held_out_first_shells():
     gives CN 3 -- the spectrum, not a prior, sets the count."""
     lib = SpectrumLibrary.load(default_library_path("Si", "K"))
     test = [i for i, m in enumerate(lib.meta) if m["split"] == "test"]
-    four = next(i for i in test if not lib.meta[i].get("perturbation"))
-    three = next(i for i in test if first_shell(lib.cluster(i, "Si")).coordination_number == 3)
+    cn_of = {i: first_shell(lib.cluster(i, "Si")).coordination_number for i in test}
+    four = next(i for i in test if not lib.meta[i].get("perturbation") and cn_of[i] == 4)
+    three = next(i for i in test if cn_of[i] == 3)
     model, cfg = load_model(CKPT)
     for i, cn, n in ((four, 4, 8), (three, 3, 4)):
         truth = first_shell(lib.cluster(i, "Si"))

@@ -5,6 +5,7 @@ constraints.py cell and Wyckoff constraints from spglib symmetry (affine maps fr
 phase.py       one crystalline contribution: structure, constraints, reflection orbits, its own parameters
 recipe.py      Profile, phases on a shared background and instrument, staged least squares, esd's, weight fractions
 lebail.py      Le Bail decomposition (intensities free) to test a cell and space group without atoms
+texture.py     automatic March-Dollase axis search after the stages (refine(texture="auto"))
 report.py      refined CIF with esd's, summary.json, Rietveld plot
 """
 
