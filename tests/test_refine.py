@@ -174,6 +174,18 @@ def test_cli_refine_bad_cif(shared_data, tmp_path):
     assert run.exception.source == str(bad) and "cannot read the structure" in str(run.exception)
 
 
+def test_cli_refine_bad_texture_options(shared_data, tmp_path):
+    case = shared_data / "experimental" / "xred" / "xred_PbSe"
+    cif = next(case.glob("*.cif"))
+    for options, message in ((["--texture", "1,x"], "must be none, auto or an axis"),
+                             (["--texture", "0,0,0"], "must be none, auto or an axis"),
+                             (["--texture", "auto", "--lebail"], "texture does not apply")):
+        run = _cli(["refine", case / "xred_PbSe.xy", cif, "--radiation", "CuKa", "--out", tmp_path / "o", *options])
+        assert isinstance(run.exception, XtalsolveError) and message in str(run.exception)
+        assert run.exception.source == "--texture"
+    assert not (tmp_path / "o").exists()
+
+
 def test_march_dollase_factor_limits():
     """Reflections along the texture axis get r^-3, those perpendicular r^1.5 (March-Dollase), r = 1 none."""
     truth = symmetrize(rutile())

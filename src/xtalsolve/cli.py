@@ -448,6 +448,8 @@ def refine(
             raise XtalsolveError(f"cannot read the structure: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
                                  structure) from err
     texture_option = _texture_option(texture)
+    if lebail and texture_option is not None:
+        raise XtalsolveError("a Le Bail fit has free intensities, so texture does not apply", "--texture")
     console = Console(stderr=True)
     progress = lambda s: console.print(f"{s['stage']:<28} Rwp {100 * s['rwp']:6.2f} %  ({s['n_free']} free, {s['seconds']:.0f} s)")  # noqa: E731
     instrument = engine.instrument_of(data, radiation)
