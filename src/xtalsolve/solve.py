@@ -203,6 +203,11 @@ def contact_check(structure: Structure, factor: float = 0.6) -> tuple[float, boo
     return float(min(distances.min(), shortest_cell_edge)), plausible
 
 
+def _rank_key(record: dict) -> tuple[bool, float]:
+    """Order of refined candidates: by Rwp, those with atoms on top of each other after every plausible one."""
+    return not record.get("plausible", True), record["rwp"]
+
+
 def _candidate_file(directory: Path, z: int, index: int) -> Path:
     return directory / f"z{z:02d}_{index:03d}.json"
 
@@ -303,14 +308,13 @@ def solve(
                        "cif": result.structure.to(fmt="cif"), "refined_cif": cif_text(result, "rank"),
                        **dict(zip(("min_distance_A", "plausible"), contact_check(result.structure))),
                        "seconds": round(result.seconds, 2)}
-            key = (not record["plausible"], result.rwp)
+            key = _rank_key(record)
             if best is None or key < best_key:
                 best, best_key = result, key
             best_rwp = min(best_rwp, result.rwp)
         path.write_text(json.dumps(record))
 
-    # by Rwp, candidates with atoms on top of each other after every plausible one
-    ranked = sorted((r for r in records if "rwp" in r), key=lambda r: (not r.get("plausible", True), r["rwp"]))
+    ranked = sorted((r for r in records if "rwp" in r), key=_rank_key)
     candidates = []
     for rank, record in enumerate(ranked, start=1):
         name = f"rank{rank:02d}.cif"

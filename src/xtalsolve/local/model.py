@@ -225,17 +225,17 @@ def train(lib: SpectrumLibrary, cfg: EDMConfig, epochs: int = 200, batch: int = 
     cfg.n_features = len(lib.grid)
     f, x, h, m = training_arrays(lib, cfg)
     model = LocalEDM(cfg)
+    if init is not None and not (checkpoint and Path(checkpoint).exists()):
+        start_model, _ = load_model(init)
+        start_cfg = asdict(start_model.cfg)
+        different = [k for k, v in asdict(cfg).items() if start_cfg.get(k) != v]
+        if different:
+            raise XtalsolveError(f"the start checkpoint differs in {', '.join(different)}", str(init))
+        model.load_state_dict(start_model.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     start = 0
     avg = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema > 0 else None
     n_updates = 0
-    if init is not None and not (checkpoint and Path(checkpoint).exists()):
-        start_model, _ = load_model(init)
-        different = [k for k, v in asdict(cfg).items() if asdict(start_model.cfg).get(k) != v]
-        if different:
-            raise XtalsolveError(f"the start checkpoint differs in {', '.join(different)}", str(init))
-        model.load_state_dict(start_model.state_dict())
-        avg = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema > 0 else None
     if checkpoint and Path(checkpoint).exists():
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])

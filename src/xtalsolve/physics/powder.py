@@ -90,14 +90,13 @@ def enumerate_reflections(lattice: torch.Tensor | np.ndarray, d_min: float) -> R
     l_lo = np.ceil((-linear - root) / (2.0 * quadratic)) - 1  # one l of slack each side, cut exactly below
     l_hi = np.floor((-linear + root) / (2.0 * quadratic)) + 1
     l_lo = np.where((h == 0) & (k == 0), np.maximum(l_lo, 1), l_lo)  # one Friedel half
-    count = np.where((h > 0) | (k > 0), l_hi - l_lo + 1, np.where(k == 0, l_hi - l_lo + 1, 0))
-    count = np.clip(count, 0, None).astype(np.int64).ravel()
-    owner, ih, ik, l_first, c_row, b_row, a_row = (np.repeat(np.broadcast_to(x, constant.shape).ravel(), count) for x in (
-        np.arange(n_cells).reshape(-1, 1, 1), h, k, l_lo, constant, linear, quadratic))
-    il = l_first + (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count))
-    keep = c_row + il * (b_row + a_row * il) <= 0.0  # 1/d^2 <= 1/d_min^2
-    owner = owner[keep]
-    hkl_flat = np.stack([ih[keep], ik[keep], il[keep]], axis=1).astype(np.int64)
+    count = np.where((h == 0) & (k < 0), 0, l_hi - l_lo + 1)  # h = 0 rows need k >= 0 (the other half)
+    row, offset = ragged_slots(np.clip(count, 0, None).astype(np.int64).ravel())  # row of the (B, h, k) box
+    at_row = lambda x: np.broadcast_to(x, constant.shape).ravel()[row]  # noqa: E731
+    il = at_row(l_lo) + offset
+    keep = at_row(constant) + il * (at_row(linear) + at_row(quadratic) * il) <= 0.0  # 1/d^2 <= 1/d_min^2
+    owner, ih, ik = np.unravel_index(row[keep], constant.shape)
+    hkl_flat = np.stack([ih, ik - b[1], il[keep]], axis=1).astype(np.int64)
     counts = np.bincount(owner, minlength=n_cells)
     n_max = max(1, int(counts.max()) if len(counts) else 1)
     slot = ragged_slots(counts)[1]
@@ -288,7 +287,7 @@ def render_peaks(
     offsets = torch.arange(-half + 1, half + 2, device=grid.device)
     if widest_step - step <= 1e-3 * step:  # uniform grid: the index is arithmetic, no search needed
         first, mean_step = float(grid[0]), float(grid[-1] - grid[0]) / (n_points - 1)
-        nearest = torch.ceil((centres.detach() - first) / mean_step).long().clamp_(-half - 1, n_points + half)
+        nearest = torch.ceil((centres.detach() - first) / mean_step).long()
     else:
         nearest = torch.searchsorted(grid, centres.detach().contiguous())
     index = (nearest.unsqueeze(-1) + offsets).clamp_(0, n_points + 1)

@@ -91,8 +91,7 @@ def refine(pattern: Pattern | Profile, structure: Structure | list[Structure], i
             progress(record)
         if kept is not recipe:
             kept.stages = list(recipe.stages)
-            kept._esds()
-            result = kept.result(time.perf_counter() - t0)
+            result = kept.conclude(time.perf_counter() - t0)
         result.stages.append(record)
     if start_record is not None:
         result.stages.insert(0, start_record)

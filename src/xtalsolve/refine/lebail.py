@@ -47,8 +47,7 @@ def refine_lebail(
                               "n_free": len(recipe.parameters.free), "seconds": round(time.perf_counter() - t0, 2)})
         if progress is not None:
             progress(recipe.stages[-1])
-    recipe._esds()
-    return recipe.result(time.perf_counter() - t0)
+    return recipe.conclude(time.perf_counter() - t0)
 
 
 def _repartition(recipe: Recipe, rounds: int = 3) -> None:

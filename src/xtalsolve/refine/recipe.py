@@ -548,8 +548,12 @@ class Recipe:
             self.stages.append(record)
             if progress is not None:
                 progress(self.stages[-1])
+        return self.conclude(time.perf_counter() - t0)
+
+    def conclude(self, seconds: float) -> RefinementResult:
+        """esd's from the last least-squares Jacobian, then the result (``seconds`` of wall time)."""
         self._esds()
-        return self.result(time.perf_counter() - t0)
+        return self.result(seconds)
 
     def _restore(self, values: np.ndarray) -> None:
         for p, v in zip(self.parameters, values):

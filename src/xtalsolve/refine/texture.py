@@ -66,4 +66,3 @@ def search_texture(recipe: Recipe, build, released: tuple[str, ...], max_nfev: i
               "texture": {p.name: ("".join(map(str, t)) if t is not None else None) for p, t in zip(recipe.phases, chosen)},
               "tried": tried}
     return best, record
-
