@@ -1,15 +1,17 @@
 """Benchmark: the PXRDnet protocol (Guo et al., Nat. Mater. 2025) with the xtalsolve solver.
 
     python benchmarks/pxrdnet_protocol.py --checkpoint runs/full_gpu/best.pt [--n 200] [--size 10 100]
-        [--candidates 10] [--arms prior conditioned guided] [--steps 200]
+        [--candidates 10] [--arms prior conditioned guided symmetric guided+symmetric] [--steps 200]
 
 Materials: the first --n ids of ../shared/data/benchmarks/pxrdnet_test_ids.txt, structures as PXRDnet stored them.
 Patterns simulated the way PXRDnet did (research/pxrd-anchors.md): Cu Kalpha, conventional standard cell, stick
 intensities (pymatgen's form-factor table) binned on 4096 Q bins over 0-8.16 1/A, convolved with the size
 broadening of a crystallite of size D (the squared Fourier transform of a box of length D,
 D sinc^2(D Q / 2), sinc x = sin x / x, unit area), max-normalised, max-pooled to 512 points, Gaussian noise
-sigma 1e-3. Formula and atom count given (PXRDnet fixed both). Each arm draws --candidates structures, refines
-them against the pattern and ranks by Rwp; match @1 / @k at both tolerance sets, RMSE, seconds per material.
+sigma 1e-3. Formula and atom count given (PXRDnet fixed both). Arms: the diffusion model unconditioned (prior),
+conditioned on the pattern, conditioned and guided by it; random symmetric crystals alone (symmetric: no model);
+half guided diffusion, half symmetric (guided+symmetric, the default of `xtalsolve solve`). Each arm draws --candidates structures, refines
+them against the pattern and ranks by Rwp priced for free parameters; match @1 / @k at both tolerance sets, RMSE, seconds per material.
 Writes benchmarks/results/pxrdnet_protocol.json (resumable: finished materials are kept in a .jsonl beside it).
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ARMS = ("prior", "conditioned", "guided")
+ARMS = ("prior", "conditioned", "guided", "symmetric", "guided+symmetric")
 
 
 def pxrdnet_pattern(structure, size_A: float, rng: np.random.Generator, wavelength: float = 1.54184):
@@ -82,7 +84,8 @@ def main() -> None:
     from xtalsolve.data import evaluation_set
     from xtalsolve.metrics import TOLERANCES, match
     from xtalsolve.pattern import Pattern
-    from xtalsolve.solve import SolveSettings, diffusion_generator, solve
+    from xtalsolve.solve import SolveSettings, diffusion_generator, mixed_generator, solve
+    from xtalsolve.symmetric import symmetric_generator
 
     pool = evaluation_set("pxrdnet", first=args.n)
     tensors = pool.load()
@@ -102,14 +105,19 @@ def main() -> None:
                 if (material, size, arm) in done:
                     continue
                 start = time.perf_counter()
-                generate = diffusion_generator(args.checkpoint, pattern, args.steps, guided=arm == "guided",
-                                               cfg_scale=0.0 if arm == "prior" else 1.0, size_hint_A=size)
+                if arm == "symmetric":
+                    generate = symmetric_generator()
+                else:
+                    generate = diffusion_generator(args.checkpoint, pattern, args.steps, guided="guided" in arm,
+                                                   cfg_scale=0.0 if arm == "prior" else 1.0, size_hint_A=size)
+                    if arm == "guided+symmetric":
+                        generate = mixed_generator([(generate, 0.5), (symmetric_generator(), 0.5)])
                 out = RESULTS / f"pxrdnet_runs{args.tag}" / f"{material}_D{size:g}_{arm}"
                 settings = SolveSettings(samples=args.samples, natoms=len(reference), seed=args.seed,
                                          size_hint_A=size)
                 try:
                     summary = solve(pattern, reference.composition.reduced_formula, generate, out, settings)
-                    # refined candidates by Rwp, then the other fitted ones by their fit residual
+                    # refined candidates by priced Rwp, then the other fitted ones by their priced fit residual
                     ranked = [readable(out / c["cif"]) for c in summary["candidates"]]
                     ranked += [readable(out / c["cif"]) for c in summary["screened"] if not c["refined"]]
                     ranked = [s for s in ranked if s is not None]  # atoms refined onto each other: a miss

@@ -69,7 +69,7 @@ def test_solve_ranks_the_truth_first_and_resumes(tmp_path, rutile_pattern):
     assert StructureMatcher().fit(refined, truth)
     assert (tmp_path / "fit.png").is_file()
     assert json.loads((tmp_path / "summary.json").read_text())["candidates"][0]["cif"] == "rank01.cif"
-    assert all(c["rwp"] >= best["rwp"] for c in summary["candidates"])
+    assert all(c["score"] >= best["score"] for c in summary["candidates"])
 
     # a second run finds every candidate refined already: nothing is generated or refined again
     calls.clear()
@@ -98,7 +98,8 @@ def test_solve_command_end_to_end_with_a_model_checkpoint(tmp_path, rutile_patte
     data = tmp_path / "rutile.xy"
     write_xy(pattern, data)
     args = [sys.executable, "-m", "xtalsolve.cli", "solve", str(data), "--formula", "TiO2", "--natoms", "6",
-            "--samples", "1", "--steps", "6", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]
+            "--samples", "1", "--steps", "6", "--generator", "diffusion", "--checkpoint", str(checkpoint),
+            "--out", str(tmp_path / "out")]
     result = subprocess.run(args, capture_output=True, text=True)
     # an untrained model may give cells the refinement cannot use: then exit 2, but with every attempt reported
     assert result.returncode == 0 or "no candidate could be refined" in result.stderr, result.stderr[-2000:]
@@ -111,6 +112,10 @@ def test_solve_command_end_to_end_with_a_model_checkpoint(tmp_path, rutile_patte
     missing = subprocess.run(args[:-4] + ["--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "none.pt: no such checkpoint" in missing.stderr
+    unknown = subprocess.run(args[:-2] + ["--generator", "magic", "--out", str(tmp_path / "y")],
+                             capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown generator 'magic'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr and len(unknown.stderr.strip().splitlines()) == 1
 
 
 def test_refine_candidate_finds_missed_symmetry(rutile_pattern):

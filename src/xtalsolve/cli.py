@@ -512,30 +512,36 @@ def solve(
     natoms: Annotated[Optional[int], typer.Option("--natoms", help="Atoms in the cell (skips the Z search).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Reverse diffusion steps.")] = 100,
     no_guidance: Annotated[bool, typer.Option("--no-guidance", help="Conditioning only, no data guidance.")] = False,
+    generator: Annotated[str, typer.Option("--generator", help="Candidate source: symmetric (random crystals in "
+                                           "space groups drawn from the training prior; measured best with the "
+                                           "shipped small model), diffusion (the guided model) or both (half "
+                                           "each).")] = "symmetric",
 ):
-    """Solve a structure: draw candidates from the guided diffusion model, fit and refine them, rank by Rwp."""
+    """Solve a structure: draw candidates (random symmetric crystals and/or the guided diffusion model), fit and
+    refine them, rank by Rwp priced for free parameters."""
     data = load_pattern_option(pattern, wavelength, radiation, x_unit)
     _solve_and_report(data, formula, out, checkpoint, samples=samples, seed=seed, size_hint=size_hint, natoms=natoms,
-                      steps=steps, guided=not no_guidance)
+                      steps=steps, guided=not no_guidance, generator=generator)
 
 
 def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *, samples: int, seed: int,
-                      size_hint: float | None, natoms: int | None, steps: int, guided: bool) -> dict:
+                      size_hint: float | None, natoms: int | None, steps: int, guided: bool,
+                      generator: str = "symmetric") -> dict:
     """Run the solver on a loaded pattern with a progress log on stderr and a one-line result on stdout."""
     import torch
     from rich.console import Console
 
-    from xtalsolve.solve import SolveSettings, diffusion_generator, shipped_checkpoint
+    from xtalsolve.solve import GENERATORS, SolveSettings, make_generator, shipped_checkpoint
     from xtalsolve.solve import solve as run_solve
 
     if samples < 1:
         raise XtalsolveError("must be at least 1", "--samples")
     checkpoint = checkpoint or shipped_checkpoint()
-    if not checkpoint.is_file():
+    if generator in GENERATORS and generator != "symmetric" and not checkpoint.is_file():
         raise XtalsolveError("no such checkpoint (train one with `xtalsolve train --config configs/small_cpu.json`)",
                              checkpoint)
     torch.set_num_threads(1)  # small batches: one thread is as fast and leaves the other cores free
-    generate = diffusion_generator(checkpoint, data, steps, guided, size_hint_A=size_hint)
+    generate = make_generator(generator, checkpoint, data, steps, guided, size_hint_A=size_hint)
     console = Console(stderr=True)
     settings = SolveSettings(samples=samples, seed=seed, natoms=natoms, size_hint_A=size_hint)
     summary = run_solve(data, formula, generate, out, settings, progress=lambda m: console.log(m))

@@ -5,8 +5,8 @@ of an angstrom away: its sharp peaks then miss the measured ones and its raw mis
 a wrong structure. Ranking raw candidates therefore fails; ranking them after a short local fit does not.
 Fitting every candidate with the full Rietveld engine (SciPy least squares per crystal) costs seconds each, so
 this module fits all candidates at once: one autograd pass of the batched forward model per iteration, Adam on
-a symmetric strain of the cell (rotation free, 6 numbers per crystal) and on the fractional coordinates (P1),
-against :class:`~xtalsolve.diffusion.guidance.PatternLoss` (free scale and background in closed form), compared
+a symmetric strain of the cell (rotation free, 6 numbers per crystal) and on the fractional coordinates,
+both projected onto what the crystal's own space group allows (P1 for a candidate without symmetry), against :class:`~xtalsolve.diffusion.guidance.PatternLoss` (free scale and background in closed form), compared
 coarse to fine (both patterns blurred alike, the blur shrinking to zero), as the guidance does during sampling.
 Written here rather than with SciPy because it must run on a whole batch with one gradient evaluation.
 """
@@ -29,7 +29,13 @@ class PolishSettings:
     """Adam iterations, learning rates (strain: dimensionless; coordinates: fractional units) and the blur
     (1/angstrom) at the first iteration, shrinking linearly to 0 at ``sharp_from`` of the way through. The first
     ``lattice_only`` fraction moves the cell only: peak positions depend on the cell alone, and coordinates
-    moved to compensate a wrong cell end in a false minimum."""
+    moved to compensate a wrong cell end in a false minimum.
+
+    Before the descent, ``prescan_starts`` cells per crystal are tried without gradients (blurred by
+    ``prescan_blur``): isotropic scalings of up to +-``prescan_scale`` in length and random strains in the
+    crystal's allowed subspace; the best is the start. A powder fit of the cell is multimodal (a peak can lock
+    onto its neighbour), and a candidate drawn with a prior volume is often a few percent off, outside the basin
+    that gradient descent can find. 0 starts: no prescan."""
 
     steps: int = 80
     lr_strain: float = 0.01
@@ -39,6 +45,9 @@ class PolishSettings:
     lattice_only: float = 0.4
     max_strain: float = 0.25
     refit_size_at: tuple[float, ...] = (0.0, 0.5)
+    prescan_starts: int = 48
+    prescan_scale: float = 0.12
+    prescan_blur: float = 0.1
 
 
 def _symmetric(params: torch.Tensor) -> torch.Tensor:
@@ -48,14 +57,134 @@ def _symmetric(params: torch.Tensor) -> torch.Tensor:
                         torch.stack([xz, yz, zz], -1)], -2)
 
 
-def polish_batch(batch: CrystalBatch, loss: PatternLoss, settings: PolishSettings = PolishSettings()
-                 ) -> tuple[CrystalBatch, torch.Tensor]:
-    """Fit every crystal of ``batch`` to ``loss``'s pattern (cell strain + P1 coordinates); returns the fitted
-    batch and its final (unblurred) residual norms (B,). ``loss.size`` None: the crystallite size is fitted per
-    crystal at the fractions ``settings.refit_size_at`` of the run and left set on the returned batch's loss."""
+@dataclass(frozen=True)
+class SymmetryProjectors:
+    """Linear maps that keep a crystal's space group during the fit: ``strain`` (B, 6, 6) takes strain
+    parameters to the part every point-group rotation leaves unchanged (R e R^T = e), ``shift`` (B, 3N, 3N) takes
+    fractional shifts of the N sites to the part every operation maps onto itself (the group average of
+    W delta moved to the image site). Identity for P1."""
+
+    strain: torch.Tensor
+    shift: torch.Tensor
+
+    @classmethod
+    def identity(cls, batch_size: int, n_sites: int) -> SymmetryProjectors:
+        eye = lambda n: torch.eye(n, dtype=torch.float64).expand(batch_size, n, n)  # noqa: E731
+        return cls(eye(6), eye(3 * n_sites))
+
+    @classmethod
+    def of(cls, structures: Sequence[Structure], n_sites: int, symprec: float = 1e-3) -> SymmetryProjectors:
+        """Projectors of each structure's space group found by spglib at ``symprec`` (angstrom), padded to
+        ``n_sites`` sites (padding rows are zero)."""
+        strain = np.zeros((len(structures), 6, 6))
+        shift = np.zeros((len(structures), 3 * n_sites, 3 * n_sites))
+        for b, structure in enumerate(structures):
+            strain[b], block = _projectors(structure, symprec)
+            shift[b, : block.shape[0], : block.shape[1]] = block
+        return cls(torch.from_numpy(strain), torch.from_numpy(shift))
+
+
+_VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+
+
+def _projectors(structure: Structure, symprec: float) -> tuple[np.ndarray, np.ndarray]:
+    """(6, 6) strain and (3N, 3N) fractional-shift projectors of one structure's space group (spglib)."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    n = len(structure)
+    try:
+        operations = SpacegroupAnalyzer(structure, symprec=symprec).get_symmetry_operations(cartesian=False)
+    except Exception:  # noqa: BLE001 - spglib fails on degenerate cells: no symmetry to keep
+        operations = []
+    frac = structure.frac_coords
+    lattice = structure.lattice.matrix  # rows a, b, c: cartesian = frac @ lattice
+    strain = np.zeros((6, 6))
+    shift = np.zeros((3 * n, 3 * n))
+    used = 0
+    for op in operations:
+        w, t = op.rotation_matrix, op.translation_vector
+        image = frac @ w.T + t
+        gap = image[:, None, :] - frac[None, :, :]
+        gap -= np.round(gap)
+        distance = np.linalg.norm(gap @ lattice, axis=-1)
+        target = distance.argmin(1)
+        if distance[np.arange(n), target].max() > 10 * symprec or len(set(target)) < n:
+            continue  # not an operation of these coordinates at this tolerance
+        for i, j in enumerate(target):
+            shift[3 * j : 3 * j + 3, 3 * i : 3 * i + 3] += w
+        # the same rotation in cartesian coordinates acting on the row-vector strain: e -> R e R^T
+        r = lattice.T @ w @ np.linalg.inv(lattice.T)
+        for k, (p, q) in enumerate(_VOIGT):
+            e = np.zeros((3, 3))
+            e[p, q] = e[q, p] = 1.0
+            rotated = r @ e @ r.T
+            strain[:, k] += [rotated[a, c] for a, c in _VOIGT]
+        used += 1
+    if used == 0:
+        return np.eye(6), np.eye(3 * n)
+    return strain / used, shift / used
+
+
+def free_parameters(structure: Structure, symprec: float = 0.01) -> int:
+    """Structural degrees of freedom of ``structure`` in its space group (spglib at ``symprec`` angstrom):
+    independent cell strains plus free fractional coordinates."""
+    strain, shift = _projectors(structure, symprec)
+    return int(np.linalg.matrix_rank(strain, tol=1e-6) + np.linalg.matrix_rank(shift, tol=1e-6))
+
+
+def prescan_strain(batch: CrystalBatch, loss: PatternLoss, symmetry: SymmetryProjectors,
+                   settings: PolishSettings, seed: int = 0) -> torch.Tensor:
+    """Starting strain parameters (B, 6): per crystal the best of ``settings.prescan_starts`` trial cells by the
+    blurred residual (the first half isotropic scalings on an even grid, the rest random strains in the allowed
+    subspace plus a random scaling), no gradients. The crystallite size is fitted once per crystal first when
+    ``loss`` has none."""
+    bsz, n_sites = batch.numbers.shape
+    k = settings.prescan_starts
+    gen = torch.Generator().manual_seed(seed)
+    n_grid = k // 2
+    scales = torch.linspace(-settings.prescan_scale, settings.prescan_scale, max(n_grid, 1), dtype=torch.float64)
+    iso = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    grid_starts = (torch.exp(scales) - 1.0)[:, None] * iso  # (G, 6)
+    random = torch.randn(bsz, k - n_grid, 6, generator=gen, dtype=torch.float64) * (settings.prescan_scale / 2)
+    random = torch.einsum("bij,bkj->bki", symmetry.strain, random)
+    random = random + (torch.rand(bsz, k - n_grid, 1, generator=gen, dtype=torch.float64) * 2 - 1) \
+        * settings.prescan_scale * iso
+    starts = torch.cat([grid_starts.expand(bsz, -1, -1), random], 1)  # (B, K, 6)
+    with torch.no_grad():
+        size = loss.size if loss.size is not None else fit_size(loss, batch)
+        size = torch.as_tensor(size, dtype=torch.float64).reshape(-1).expand(bsz)
+        residuals = torch.empty(bsz, k, dtype=torch.float64)
+        chunk = max(1, 512 // bsz)
+        for lo in range(0, k, chunk):
+            part = starts[:, lo:lo + chunk]  # (B, C, 6)
+            c = part.shape[1]
+            deform = torch.eye(3, dtype=torch.float64) + _symmetric(part.clamp(-settings.max_strain,
+                                                                               settings.max_strain))
+            trial = CrystalBatch((batch.lattice[:, None] @ deform).reshape(-1, 3, 3),
+                                 batch.frac.repeat_interleave(c, 0), batch.numbers.repeat_interleave(c, 0),
+                                 batch.occupancy.repeat_interleave(c, 0))
+            value = loss.residual(trial, size=size.repeat_interleave(c), blur=settings.prescan_blur)
+            residuals[:, lo:lo + c] = torch.nan_to_num(value, nan=np.inf).reshape(bsz, c)
+    return starts[torch.arange(bsz), residuals.argmin(1)]
+
+
+def polish_batch(batch: CrystalBatch, loss: PatternLoss, settings: PolishSettings = PolishSettings(),
+                 symmetry: SymmetryProjectors | None = None) -> tuple[CrystalBatch, torch.Tensor]:
+    """Fit every crystal of ``batch`` to ``loss``'s pattern (cell strain + coordinates, kept in each crystal's
+    space group by ``symmetry``, default P1); returns the fitted batch and its final (unblurred) residual norms
+    (B,). ``loss.size`` None: the crystallite size is fitted per crystal at the fractions
+    ``settings.refit_size_at`` of the run and left set on the returned batch's loss."""
     batch = batch.to(dtype=torch.float64)
     own_size = loss.size is None
-    strain = torch.zeros(len(batch), 6, dtype=torch.float64, requires_grad=True)
+    bsz, n_sites = batch.numbers.shape
+    symmetry = symmetry or SymmetryProjectors.identity(bsz, n_sites)
+    blur_start = settings.blur_start
+    if settings.prescan_starts > 0:
+        start = prescan_strain(batch, loss, symmetry, settings)
+        blur_start = min(blur_start, settings.prescan_blur)  # the prescan placed the cell: no coarser than it
+    else:
+        start = torch.zeros(len(batch), 6, dtype=torch.float64)
+    strain = start.clone().requires_grad_(True)
     shift = torch.zeros_like(batch.frac, requires_grad=True)
     optimiser = torch.optim.Adam([{"params": [strain], "lr": settings.lr_strain},
                                   {"params": [shift], "lr": settings.lr_frac}])
@@ -64,8 +193,10 @@ def polish_batch(batch: CrystalBatch, loss: PatternLoss, settings: PolishSetting
 
     def current() -> CrystalBatch:
         eye = torch.eye(3, dtype=torch.float64)
-        deform = eye + _symmetric(strain.clamp(-settings.max_strain, settings.max_strain))
-        return CrystalBatch(batch.lattice @ deform, batch.frac + shift * mask, batch.numbers, batch.occupancy)
+        allowed = torch.bmm(symmetry.strain, strain.unsqueeze(-1)).squeeze(-1)
+        deform = eye + _symmetric(allowed.clamp(-settings.max_strain, settings.max_strain))
+        moved = torch.bmm(symmetry.shift, shift.reshape(bsz, -1, 1)).reshape(bsz, n_sites, 3)
+        return CrystalBatch(batch.lattice @ deform, batch.frac + moved * mask, batch.numbers, batch.occupancy)
 
     try:
         for step in range(settings.steps):
@@ -74,7 +205,7 @@ def polish_batch(batch: CrystalBatch, loss: PatternLoss, settings: PolishSetting
                 with torch.no_grad():
                     loss.size = fit_size(loss, current())
             progress = step / max(settings.steps * settings.sharp_from, 1)
-            blur = settings.blur_start * max(1.0 - progress, 0.0)
+            blur = blur_start * max(1.0 - progress, 0.0)
             optimiser.zero_grad()
             value = loss(current(), blur=blur)
             value.sum().backward()
@@ -97,15 +228,16 @@ def polish_batch(batch: CrystalBatch, loss: PatternLoss, settings: PolishSetting
 
 def polish(structures: Sequence[Structure], loss: PatternLoss, settings: PolishSettings = PolishSettings(),
            chunk: int = 64) -> tuple[list[Structure], np.ndarray]:
-    """Public entry: fit pymatgen ``structures`` to the pattern of ``loss``; returns the fitted structures and
-    their residual norms, in the input order. Done in chunks of ``chunk`` crystals (memory)."""
+    """Public entry: fit pymatgen ``structures`` to the pattern of ``loss``, each within its own space group
+    (spglib, 1e-3 angstrom); returns the fitted structures and their residual norms, in the input order. Done in chunks of ``chunk`` crystals (memory)."""
     fitted, residuals = [], []
     for start in range(0, len(structures), chunk):
-        batch = CrystalBatch.from_structures(list(structures[start:start + chunk]), dtype=torch.float64)
-        out, res = polish_batch(batch, loss, settings)
+        part = list(structures[start:start + chunk])
+        batch = CrystalBatch.from_structures(part, dtype=torch.float64)
+        out, res = polish_batch(batch, loss, settings, SymmetryProjectors.of(part, batch.numbers.shape[1]))
         fitted += out.to_structures()
         residuals.append(res.numpy())
     return fitted, np.concatenate(residuals) if residuals else np.zeros(0)
 
 
-__all__ = ["PolishSettings", "polish", "polish_batch"]
+__all__ = ["PolishSettings", "SymmetryProjectors", "free_parameters", "polish", "polish_batch"]

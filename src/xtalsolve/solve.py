@@ -36,7 +36,13 @@ class SolveSettings:
     ``refine_top`` best distinct ones are refined fully (all Rietveld stages, ``refine_max_nfev`` evaluations
     per stage, symmetry of the fitted candidate found at ``symprec`` angstrom). A candidate whose Rwp after the
     profile stage is more than ``abandon_factor`` times the best final Rwp so far is abandoned: refining its
-    coordinates cannot close such a gap, and they are the most expensive stages."""
+    coordinates cannot close such a gap, and they are the most expensive stages.
+
+    Candidates are ranked by their misfit (fit residual, then Rwp) times ``1 + parameter_price * P``, P = the
+    structural degrees of freedom in the candidate's space group (cell strains + free coordinates): the
+    crystallographer's preference for the simplest model that fits, a free parameter has to buy this share of
+    the misfit. Without it a big low-symmetry cell wins by absorbing misfit (e.g. bcc Ti as an 8-atom C2/m cell at
+    6.9 % against 7.2 %)."""
 
     samples: int = 32
     max_trials: int = 5
@@ -49,6 +55,7 @@ class SolveSettings:
     symprec: float = 0.1
     size_hint_A: float | None = None
     abandon_factor: float = 2.0
+    parameter_price: float = 0.01
 
 
 def shipped_checkpoint() -> Path:
@@ -77,6 +84,46 @@ def diffusion_generator(checkpoint: str | Path, pattern: Pattern, n_steps: int =
                                    mask=mask.expand(n, -1), cfg_scale=cfg_scale, guidance=guidance, seed=seed)
 
     return generate
+
+
+def mixed_generator(parts: Sequence[tuple[Generator, float]]) -> Generator:
+    """Candidates from several generators at once: ``n`` is split by each part's share (largest remainders,
+    ties to the earlier part), and each part draws with its own seed offset. E.g. half from the diffusion
+    model and half random symmetric crystals (:func:`xtalsolve.symmetric.symmetric_generator`)."""
+    shares = np.array([share for _, share in parts], dtype=float)
+    if not len(parts) or (shares < 0).any() or shares.sum() <= 0:
+        raise XtalsolveError("a mixed generator needs parts with non-negative shares, not all zero")
+    shares = shares / shares.sum()
+
+    def generate(cell: Composition, n: int, seed: int) -> list[Structure]:
+        exact = shares * n
+        counts = np.floor(exact).astype(int)
+        for i in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
+            counts[i] += 1
+        out: list[Structure] = []
+        for k, ((part, _), count) in enumerate(zip(parts, counts)):
+            if count:
+                out.extend(part(cell, int(count), seed + 7919 * k))
+        return out
+
+    return generate
+
+
+GENERATORS = ("symmetric", "diffusion", "both")
+
+
+def make_generator(kind: str, checkpoint: str | Path, pattern: Pattern, n_steps: int = 100, guided: bool = True,
+                   size_hint_A: float | None = None) -> Generator:
+    """The solver's candidate source by name: "diffusion" (the guided model), "symmetric" (random crystals
+    in space groups drawn from the training prior) or "both" (half each)."""
+    from xtalsolve.symmetric import symmetric_generator
+
+    if kind not in GENERATORS:
+        raise XtalsolveError(f"unknown generator {kind!r}; choose from {', '.join(GENERATORS)}", "--generator")
+    if kind == "symmetric":
+        return symmetric_generator()
+    model = diffusion_generator(checkpoint, pattern, n_steps, guided, size_hint_A=size_hint_A)
+    return model if kind == "diffusion" else mixed_generator([(model, 0.5), (symmetric_generator(), 0.5)])
 
 
 def explore_then_exploit(trials: Sequence[CellTrial], samples: int, explore: float = 0.5
@@ -131,6 +178,9 @@ def distinct(records: Sequence[dict], n: int) -> list[dict]:
         structures.append(structure)
     return chosen
 
+
+SMALL_CELL = 4
+"""Cells of up to this many atoms are always among the trials of Z."""
 
 RAISE_SYMPREC = (0.05, 0.1, 0.2)
 """Tolerances (angstrom) of the search for missed symmetry in a refined candidate: the highest point group found
@@ -203,9 +253,28 @@ def contact_check(structure: Structure, factor: float = 0.6) -> tuple[float, boo
     return float(min(distances.min(), shortest_cell_edge)), plausible
 
 
+def parsimonious(misfit: float, free_parameters: int, price: float) -> float:
+    """A misfit (residual or Rwp) raised by ``price`` per free structural parameter (see SolveSettings)."""
+    return misfit * (1.0 + price * free_parameters)
+
+
 def _rank_key(record: dict) -> tuple[bool, float]:
-    """Order of refined candidates: by Rwp, those with atoms on top of each other after every plausible one."""
-    return not record.get("plausible", True), record["rwp"]
+    """Order of refined candidates: by their parameter-priced Rwp, those with atoms on top of each other after
+    every plausible one."""
+    return not record.get("plausible", True), record["score"]
+
+
+def _scored(record: dict, settings: SolveSettings) -> dict:
+    """A stored candidate record with its parameter-priced scores (records of older runs lack them)."""
+    from xtalsolve.polish import free_parameters
+
+    for misfit, cif, n_key, score in (("screen_residual", "screen_cif", "screen_free_parameters", "screen_score"),
+                                      ("rwp", "cif", "free_parameters", "score")):
+        if misfit in record and score not in record:
+            if n_key not in record:
+                record[n_key] = free_parameters(Structure.from_str(record[cif], fmt="cif"))
+            record[score] = parsimonious(record[misfit], record[n_key], settings.parameter_price)
+    return record
 
 
 def _candidate_file(directory: Path, z: int, index: int) -> Path:
@@ -222,11 +291,12 @@ def solve(
 ) -> dict:
     """Solve ``pattern`` for ``formula`` and write the ranked, refined candidates to ``out_dir``.
 
-    Returns the summary (also written as summary.json): formula, trials, candidates ranked by Rwp with their
-    CIF file, Rwp, Rp, GoF, space group and lattice (angstrom, degrees), and the time taken (s).
+    Returns the summary (also written as summary.json): formula, trials, candidates ranked by Rwp priced for
+    their free parameters (``score``, see :class:`SolveSettings`) with their CIF file, Rwp, Rp, GoF, space
+    group, lattice (angstrom, degrees) and free parameters, and the time taken (s).
     """
     from xtalsolve.io.structures import write_cif
-    from xtalsolve.polish import PolishSettings, polish
+    from xtalsolve.polish import PolishSettings, free_parameters, polish
     from xtalsolve.refine import instrument_of
     from xtalsolve.refine.report import cif_text, plot_fit
 
@@ -239,9 +309,10 @@ def solve(
     measured = pattern.in_two_theta()  # the refinement works in 2theta
     every = formula_unit_trials(composition, pattern, settings.max_atoms, settings.natoms)
     trials = every[: settings.max_trials]
-    # the one-formula-unit cell is always tried: it is the cheapest to sample and the training-set prior
-    # underweights it (MP-20 holds few 2-atom cells, so rock salt's Z = 1 ranks below Z = 2 ... 6)
-    trials += [t for t in every[settings.max_trials:] if t.z == 1]
+    # the smallest cells (Z = 1 and any of up to SMALL_CELL atoms) are always tried: they are the cheapest to
+    # sample and the training-set prior underweights them (MP-20 holds few 2-atom cells, so rock salt's Z = 1
+    # ranks below Z = 2 ... 6, and hcp Zr's Z = 2 below 4, 6, 5, 8, 10)
+    trials += [t for t in every[settings.max_trials:] if t.z == 1 or t.n_atoms <= SMALL_CELL]
     say = progress or (lambda message: None)
 
     options = {"size": settings.size_hint_A} if settings.size_hint_A else {}
@@ -254,7 +325,7 @@ def solve(
             first = sum(1 for r in records if r["z"] == trial.z)
             stored = [_candidate_file(store, trial.z, first + i) for i in range(count)]
             if all(path.is_file() for path in stored):  # screened in an earlier run
-                records.extend(json.loads(path.read_text()) for path in stored)
+                records.extend(_scored(json.loads(path.read_text()), settings) for path in stored)
                 continue
             say(f"Z = {trial.z}: drawing {count} candidates")
             structures = generate(trial.composition(composition), count,
@@ -264,7 +335,10 @@ def solve(
             for i, path in enumerate(stored):
                 record = {"z": trial.z, "index": first + i, "candidate_cif": structures[i].to(fmt="cif")}
                 if np.isfinite(residuals[i]) and fitted[i].volume > 0:
-                    record |= {"screen_residual": float(residuals[i]), "screen_cif": fitted[i].to(fmt="cif")}
+                    n_free = free_parameters(fitted[i])
+                    record |= {"screen_residual": float(residuals[i]), "screen_cif": fitted[i].to(fmt="cif"),
+                               "screen_free_parameters": n_free,
+                               "screen_score": parsimonious(float(residuals[i]), n_free, settings.parameter_price)}
                     write_cif(fitted[i], path.with_suffix(".cif"))
                 else:  # a collapsed or exploded candidate must not end the run
                     record["failed"] = "the local fit diverged"
@@ -279,11 +353,11 @@ def solve(
         best_residual = {}
         for r in records:
             if "screen_residual" in r:
-                best_residual[r["z"]] = min(best_residual.get(r["z"], np.inf), r["screen_residual"])
+                best_residual[r["z"]] = min(best_residual.get(r["z"], np.inf), r["screen_score"])
         screen(round2(best_residual), 1)
 
     # full Rietveld for the best screened candidates (kept on disk too, so a resumed run skips them)
-    screened = sorted((r for r in records if "screen_residual" in r), key=lambda r: r["screen_residual"])
+    screened = sorted((r for r in records if "screen_residual" in r), key=lambda r: r["screen_score"])
     best, best_key = None, None
     best_rwp = min((r["rwp"] for r in records if "rwp" in r), default=np.inf)
     for record in distinct(screened, settings.refine_top):
@@ -306,8 +380,10 @@ def solve(
                        "space_group": result.space_group,
                        "lattice": dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), map(float, result.cell))),
                        "cif": result.structure.to(fmt="cif"), "refined_cif": cif_text(result, "rank"),
+                       "free_parameters": free_parameters(result.structure),
                        **dict(zip(("min_distance_A", "plausible"), contact_check(result.structure))),
                        "seconds": round(result.seconds, 2)}
+            record["score"] = parsimonious(result.rwp, record["free_parameters"], settings.parameter_price)
             key = _rank_key(record)
             if best is None or key < best_key:
                 best, best_key = result, key
@@ -323,7 +399,8 @@ def solve(
         else:
             write_cif(Structure.from_str(record["cif"], fmt="cif"), out / name)
         candidates.append({"rank": rank, "cif": name, **{k: record[k] for k in
-                                                         ("rwp", "rp", "gof", "space_group", "lattice", "z")},
+                                                         ("rwp", "rp", "gof", "space_group", "lattice", "z",
+                                                          "free_parameters", "score")},
                            "min_distance_A": record.get("min_distance_A"), "plausible": record.get("plausible")})
     if best is not None and abs(best.rwp - ranked[0]["rwp"]) < 1e-12:
         plot_fit(best, out / "fit.png", title=f"{composition.reduced_formula}: rank 1, Rwp {best.rwp:.2%}")
@@ -332,7 +409,8 @@ def solve(
         "source": pattern.source,
         "trials": [{"z": t.z, "n_atoms": t.n_atoms, "probability": t.probability} for t in trials],
         "candidates": candidates,
-        "screened": [{"z": r["z"], "index": r["index"], "screen_residual": r["screen_residual"], "refined": "rwp" in r,
+        "screened": [{"z": r["z"], "index": r["index"], "screen_residual": r["screen_residual"],
+                      "screen_score": r["screen_score"], "refined": "rwp" in r,
                       "cif": str(_candidate_file(store, r["z"], r["index"]).with_suffix(".cif").relative_to(out))}
                      for r in screened],
         "failed": [{"z": r["z"], "index": r["index"], "reason": r["failed"]} for r in records if "failed" in r],
