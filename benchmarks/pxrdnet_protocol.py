@@ -1,6 +1,7 @@
 """Benchmark: the PXRDnet protocol (Guo et al., Nat. Mater. 2025) with the xtalsolve solver.
 
     python benchmarks/pxrdnet_protocol.py --checkpoint runs/full_gpu/best.pt [--n 200] [--size 10 100]
+        [--set pxrdnet|mp20]
         [--candidates 10] [--arms prior conditioned guided symmetric guided+symmetric] [--steps 200]
 
 Materials: the first --n ids of ../shared/data/benchmarks/pxrdnet_test_ids.txt, structures as PXRDnet stored them.
@@ -76,24 +77,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix of the results files (separate runs)")
+    parser.add_argument("--set", choices=("pxrdnet", "mp20"), default="pxrdnet",
+                        help="pxrdnet: the first --n benchmark ids; mp20: a random --n of mp20_test, seeded by "
+                             "--seed (the MP-20 protocol; use --candidates 20 for @20), results mp20_protocol*")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
     from pymatgen.core import Structure
 
     from xtalsolve.data import evaluation_set
+    from xtalsolve.data.structures import Pool
     from xtalsolve.metrics import TOLERANCES, match
     from xtalsolve.pattern import Pattern
     from xtalsolve.solve import SolveSettings, diffusion_generator, mixed_generator, solve
     from xtalsolve.symmetric import symmetric_generator
 
-    pool = evaluation_set("pxrdnet", first=args.n)
+    if args.set == "pxrdnet":
+        pool = evaluation_set("pxrdnet", first=args.n)
+    else:
+        every = evaluation_set("mp20")
+        pick = np.random.default_rng(args.seed).choice(len(every), size=min(args.n, len(every)), replace=False)
+        pool = Pool("mp20", "test", tuple(every.keys[i] for i in sorted(pick)))
+    results_name = "pxrdnet_protocol" if args.set == "pxrdnet" else "mp20_protocol"
     tensors = pool.load()
     references = [tensors.structure(i) for i in range(len(tensors))]
     ids = [key[1] for key in pool.keys]
     ids, references = ids[args.first:], references[args.first:]
     RESULTS.mkdir(exist_ok=True)
-    done_file = RESULTS / f"pxrdnet_protocol{args.tag}.jsonl"
+    done_file = RESULTS / f"{results_name}{args.tag}.jsonl"
     done = {(r["id"], r["size_A"], r["arm"]) for r in map(json.loads, done_file.read_text().splitlines())} \
         if done_file.is_file() else set()
     rng = np.random.default_rng(args.seed)
@@ -112,7 +123,7 @@ def main() -> None:
                                                    cfg_scale=0.0 if arm == "prior" else 1.0, size_hint_A=size)
                     if arm == "guided+symmetric":
                         generate = mixed_generator([(generate, 0.5), (symmetric_generator(), 0.5)])
-                out = RESULTS / f"pxrdnet_runs{args.tag}" / f"{material}_D{size:g}_{arm}"
+                out = RESULTS / f"{args.set}_runs{args.tag}" / f"{material}_D{size:g}_{arm}"
                 settings = SolveSettings(samples=args.samples, natoms=len(reference), seed=args.seed,
                                          size_hint_A=size)
                 try:
@@ -146,8 +157,8 @@ def main() -> None:
             rms = [r[f"{name}_rms"] for r in rows if r[f"{name}_rms"] is not None]
             entry[f"{name}_rmse"] = float(np.mean(rms)) if rms else None
         table[f"D={size:g}A/{arm}"] = entry
-    (RESULTS / f"pxrdnet_protocol{args.tag}.json").write_text(json.dumps(
-        {"checkpoint": str(args.checkpoint), "samples": args.samples, "candidates": args.candidates,
+    (RESULTS / f"{results_name}{args.tag}.json").write_text(json.dumps(
+        {"set": args.set, "checkpoint": str(args.checkpoint), "samples": args.samples, "candidates": args.candidates,
          "steps": args.steps, "table": table},
         indent=2))
     for key, entry in table.items():
