@@ -85,11 +85,13 @@ def random_symmetric_structures(
     space_groups: Sequence[int] | None = None,
     max_attempts: int = 20,
 ) -> list[Structure]:
-    """``n`` random crystals with exactly the contents ``cell`` in their primitive cell, in space groups drawn
-    from :func:`space_group_weights` (or from ``space_groups``, uniformly) without replacement until every group
-    has had its turn, atoms on random Wyckoff positions
-    that hold the composition, Niggli-reduced, scaled to ``volume_A3`` (angstrom^3; default the composition prior)
-    times a log-normal factor of sd ``volume_spread``. Seeded; a group whose placement fails passes its turn on.
+    """``n`` random crystals with exactly the contents ``cell`` in their primitive cell.
+
+    Space groups are drawn from :func:`space_group_weights` (or uniformly from ``space_groups``) without
+    replacement until every group has had its turn; atoms go on random Wyckoff positions that hold the
+    composition. Each crystal is Niggli-reduced and scaled to ``volume_A3`` (angstrom^3; default the composition
+    prior) times a log-normal factor of sd ``volume_spread``. Seeded; a group whose placement fails passes its
+    turn on, and ``max_attempts`` failures in a row are an error.
     """
     from pyxtal import pyxtal
 
