@@ -531,13 +531,13 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
     import torch
     from rich.console import Console
 
-    from xtalsolve.solve import GENERATORS, SolveSettings, make_generator, shipped_checkpoint
+    from xtalsolve.solve import SolveSettings, make_generator, shipped_checkpoint
     from xtalsolve.solve import solve as run_solve
 
     if samples < 1:
         raise XtalsolveError("must be at least 1", "--samples")
     checkpoint = checkpoint or shipped_checkpoint()
-    if generator in GENERATORS and generator != "symmetric" and not checkpoint.is_file():
+    if generator in ("diffusion", "both") and not checkpoint.is_file():  # the model is needed
         raise XtalsolveError("no such checkpoint (train one with `xtalsolve train --config configs/small_cpu.json`)",
                              checkpoint)
     torch.set_num_threads(1)  # small batches: one thread is as fast and leaves the other cores free

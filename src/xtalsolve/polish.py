@@ -5,9 +5,10 @@ of an angstrom away: its sharp peaks then miss the measured ones and its raw mis
 a wrong structure. Ranking raw candidates therefore fails; ranking them after a short local fit does not.
 Fitting every candidate with the full Rietveld engine (SciPy least squares per crystal) costs seconds each, so
 this module fits all candidates at once: one autograd pass of the batched forward model per iteration, Adam on
-a symmetric strain of the cell (rotation free, 6 numbers per crystal) and on the fractional coordinates,
-both projected onto what the crystal's own space group allows (P1 for a candidate without symmetry), against :class:`~xtalsolve.diffusion.guidance.PatternLoss` (free scale and background in closed form), compared
-coarse to fine (both patterns blurred alike, the blur shrinking to zero), as the guidance does during sampling.
+a symmetric strain of the cell (rotation free, 6 numbers per crystal) and on the fractional coordinates, both
+projected onto what the crystal's own space group allows (P1 for a candidate without symmetry), against
+:class:`~xtalsolve.diffusion.guidance.PatternLoss` (free scale and background in closed form), compared coarse
+to fine (both patterns blurred alike, the blur shrinking to zero), as the guidance does during sampling.
 Written here rather than with SciPy because it must run on a whole batch with one gradient evaluation.
 """
 
@@ -138,7 +139,7 @@ def prescan_strain(batch: CrystalBatch, loss: PatternLoss, symmetry: SymmetryPro
     blurred residual (the first half isotropic scalings on an even grid, the rest random strains in the allowed
     subspace plus a random scaling), no gradients. The crystallite size is fitted once per crystal first when
     ``loss`` has none."""
-    bsz, n_sites = batch.numbers.shape
+    bsz = len(batch)
     k = settings.prescan_starts
     gen = torch.Generator().manual_seed(seed)
     n_grid = k // 2
@@ -229,7 +230,8 @@ def polish_batch(batch: CrystalBatch, loss: PatternLoss, settings: PolishSetting
 def polish(structures: Sequence[Structure], loss: PatternLoss, settings: PolishSettings = PolishSettings(),
            chunk: int = 64) -> tuple[list[Structure], np.ndarray]:
     """Public entry: fit pymatgen ``structures`` to the pattern of ``loss``, each within its own space group
-    (spglib, 1e-3 angstrom); returns the fitted structures and their residual norms, in the input order. Done in chunks of ``chunk`` crystals (memory)."""
+    (spglib, 1e-3 angstrom); returns the fitted structures and their residual norms, in the input order. Done
+    in chunks of ``chunk`` crystals (memory)."""
     fitted, residuals = [], []
     for start in range(0, len(structures), chunk):
         part = list(structures[start:start + chunk])

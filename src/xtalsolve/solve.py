@@ -265,7 +265,8 @@ def _rank_key(record: dict) -> tuple[bool, float]:
 
 
 def _scored(record: dict, settings: SolveSettings) -> dict:
-    """A stored candidate record with its parameter-priced scores (records of older runs lack them)."""
+    """``record`` with the parameter-priced score of each misfit it holds (screen residual, Rwp); the free
+    parameters are counted from its CIF when not given (records stored by older runs lack both)."""
     from xtalsolve.polish import free_parameters
 
     for misfit, cif, n_key, score in (("screen_residual", "screen_cif", "screen_free_parameters", "screen_score"),
@@ -335,10 +336,9 @@ def solve(
             for i, path in enumerate(stored):
                 record = {"z": trial.z, "index": first + i, "candidate_cif": structures[i].to(fmt="cif")}
                 if np.isfinite(residuals[i]) and fitted[i].volume > 0:
-                    n_free = free_parameters(fitted[i])
                     record |= {"screen_residual": float(residuals[i]), "screen_cif": fitted[i].to(fmt="cif"),
-                               "screen_free_parameters": n_free,
-                               "screen_score": parsimonious(float(residuals[i]), n_free, settings.parameter_price)}
+                               "screen_free_parameters": free_parameters(fitted[i])}
+                    _scored(record, settings)
                     write_cif(fitted[i], path.with_suffix(".cif"))
                 else:  # a collapsed or exploded candidate must not end the run
                     record["failed"] = "the local fit diverged"
@@ -383,7 +383,7 @@ def solve(
                        "free_parameters": free_parameters(result.structure),
                        **dict(zip(("min_distance_A", "plausible"), contact_check(result.structure))),
                        "seconds": round(result.seconds, 2)}
-            record["score"] = parsimonious(result.rwp, record["free_parameters"], settings.parameter_price)
+            _scored(record, settings)
             key = _rank_key(record)
             if best is None or key < best_key:
                 best, best_key = result, key
