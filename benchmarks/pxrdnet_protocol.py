@@ -2,7 +2,7 @@
 
     python benchmarks/pxrdnet_protocol.py --checkpoint runs/full_gpu/best.pt [--n 200] [--size 10 100]
         [--set pxrdnet|mp20]
-        [--candidates 10] [--arms prior conditioned guided symmetric guided+symmetric] [--steps 200]
+        [--candidates 10] [--arms prior conditioned guided symmetric guided+symmetric prototype] [--steps 200]
 
 Materials: the first --n ids of ../shared/data/benchmarks/pxrdnet_test_ids.txt, structures as PXRDnet stored them.
 Patterns simulated the way PXRDnet did (research/pxrd-anchors.md): Cu Kalpha, conventional standard cell, stick
@@ -11,7 +11,9 @@ broadening of a crystallite of size D (the squared Fourier transform of a box of
 D sinc^2(D Q / 2), sinc x = sin x / x, unit area), max-normalised, max-pooled to 512 points, Gaussian noise
 sigma 1e-3. Formula and atom count given (PXRDnet fixed both). Arms: the diffusion model unconditioned (prior),
 conditioned on the pattern, conditioned and guided by it; random symmetric crystals alone (symmetric: no model);
-half guided diffusion, half symmetric (guided+symmetric, the default of `xtalsolve solve`). Each arm draws --candidates structures, refines
+half guided diffusion, half symmetric (guided+symmetric); structure types of the training pool with the elements
+substituted, then symmetric crystals (prototype, the default of `xtalsolve solve`; the library holds no benchmark
+id nor any listed duplicate, and for --set mp20 comes from mp20_train alone). Each arm draws --candidates structures, refines
 them against the pattern and ranks by Rwp priced for free parameters; match @1 / @k at both tolerance sets, RMSE, seconds per material.
 Writes benchmarks/results/pxrdnet_protocol.json (resumable: finished materials are kept in a .jsonl beside it).
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ARMS = ("prior", "conditioned", "guided", "symmetric", "guided+symmetric")
+ARMS = ("prior", "conditioned", "guided", "symmetric", "guided+symmetric", "prototype")
 
 
 def pxrdnet_pattern(structure, size_A: float, rng: np.random.Generator, wavelength: float = 1.54184):
@@ -90,6 +92,7 @@ def main() -> None:
     from xtalsolve.metrics import TOLERANCES, match
     from xtalsolve.pattern import Pattern
     from xtalsolve.solve import SolveSettings, diffusion_generator, mixed_generator, solve
+    from xtalsolve.prototypes import prototype_generator
     from xtalsolve.symmetric import symmetric_generator
 
     if args.set == "pxrdnet":
@@ -118,6 +121,8 @@ def main() -> None:
                 start = time.perf_counter()
                 if arm == "symmetric":
                     generate = symmetric_generator()
+                elif arm == "prototype":
+                    generate = prototype_generator()
                 else:
                     generate = diffusion_generator(args.checkpoint, pattern, args.steps, guided="guided" in arm,
                                                    cfg_scale=0.0 if arm == "prior" else 1.0, size_hint_A=size)

@@ -44,7 +44,7 @@ def test_solve_ranks_the_truth_first_and_resumes(tmp_path, rutile_pattern):
     truth, pattern = rutile_pattern
     calls = []
 
-    def generate(cell, n, seed):
+    def generate(cell, n, seed, skip=0):
         calls.append((cell.reduced_formula, int(cell.num_atoms), n))
         rng = np.random.default_rng(seed)
         out = []

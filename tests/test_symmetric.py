@@ -104,7 +104,7 @@ def test_polish_keeps_a_symmetric_candidate_in_its_group_and_finds_the_cell():
 
 def test_mixed_generator_splits_draws_by_share_and_parsimony_prices_parameters():
     def constant(label):
-        return lambda cell, n, seed: [(label, seed)] * n
+        return lambda cell, n, seed, skip=0: [(label, seed)] * n
 
     mixed = mixed_generator([(constant("a"), 0.5), (constant("b"), 0.5)])
     drawn = mixed(Composition("NaCl"), 5, 10)

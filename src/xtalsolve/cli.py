@@ -512,13 +512,14 @@ def solve(
     natoms: Annotated[Optional[int], typer.Option("--natoms", help="Atoms in the cell (skips the Z search).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Reverse diffusion steps.")] = 100,
     no_guidance: Annotated[bool, typer.Option("--no-guidance", help="Conditioning only, no data guidance.")] = False,
-    generator: Annotated[str, typer.Option("--generator", help="Candidate source: symmetric (random crystals in "
-                                           "space groups drawn from the training prior; measured best with the "
-                                           "shipped small model), diffusion (the guided model) or both (half "
-                                           "each).")] = "symmetric",
+    generator: Annotated[str, typer.Option("--generator", help="Candidate source: prototype (structure types of "
+                                           "training crystals with the elements substituted, then random "
+                                           "symmetric crystals; measured best), symmetric (random crystals in "
+                                           "space groups drawn from the training prior), diffusion (the guided "
+                                           "model) or both (half diffusion, half symmetric).")] = "prototype",
 ):
-    """Solve a structure: draw candidates (random symmetric crystals and/or the guided diffusion model), fit and
-    refine them, rank by Rwp priced for free parameters."""
+    """Solve a structure: draw candidates (known structure types with substituted elements, random symmetric
+    crystals and/or the guided diffusion model), fit and refine them, rank by Rwp priced for free parameters."""
     data = load_pattern_option(pattern, wavelength, radiation, x_unit)
     _solve_and_report(data, formula, out, checkpoint, samples=samples, seed=seed, size_hint=size_hint, natoms=natoms,
                       steps=steps, guided=not no_guidance, generator=generator)
@@ -526,7 +527,7 @@ def solve(
 
 def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *, samples: int, seed: int,
                       size_hint: float | None, natoms: int | None, steps: int, guided: bool,
-                      generator: str = "symmetric") -> dict:
+                      generator: str = "prototype") -> dict:
     """Run the solver on a loaded pattern with a progress log on stderr and a one-line result on stdout."""
     import torch
     from rich.console import Console

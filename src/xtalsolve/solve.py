@@ -25,8 +25,9 @@ from xtalsolve.composition import CellTrial, formula_unit_trials, parse_formula
 from xtalsolve.errors import XtalsolveError
 from xtalsolve.pattern import Pattern
 
-Generator = Callable[[Composition, int, int], Sequence[Structure]]
-"""generate(cell_composition, n, seed) -> n candidate structures with exactly that cell content."""
+Generator = Callable[..., Sequence[Structure]]
+"""generate(cell_composition, n, seed, skip=0) -> n candidate structures with exactly that cell content; ``skip``
+is how many this run has already drawn for that cell (a generator with a ranked list goes on from there)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def diffusion_generator(checkpoint: str | Path, pattern: Pattern, n_steps: int =
     model = load_model(checkpoint)
     observed, mask = model_input(pattern, Augmentation())
 
-    def generate(cell: Composition, n: int, seed: int) -> list[Structure]:
+    def generate(cell: Composition, n: int, seed: int, skip: int = 0) -> list[Structure]:
         guidance = DataGuidance(pattern_loss(pattern, size_hint_A)) if guided else None
         return generate_structures(model, [cell] * n, n_steps, pattern=observed.expand(n, -1),
                                    mask=mask.expand(n, -1), cfg_scale=cfg_scale, guidance=guidance, seed=seed)
@@ -95,7 +96,7 @@ def mixed_generator(parts: Sequence[tuple[Generator, float]]) -> Generator:
         raise XtalsolveError("a mixed generator needs parts with non-negative shares, not all zero")
     shares = shares / shares.sum()
 
-    def generate(cell: Composition, n: int, seed: int) -> list[Structure]:
+    def generate(cell: Composition, n: int, seed: int, skip: int = 0) -> list[Structure]:
         exact = shares * n
         counts = np.floor(exact).astype(int)
         for i in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
@@ -103,25 +104,30 @@ def mixed_generator(parts: Sequence[tuple[Generator, float]]) -> Generator:
         out: list[Structure] = []
         for k, ((part, _), count) in enumerate(zip(parts, counts)):
             if count:
-                out.extend(part(cell, int(count), seed + 7919 * k))
+                out.extend(part(cell, int(count), seed + 7919 * k, skip=int(round(skip * shares[k]))))
         return out
 
     return generate
 
 
-GENERATORS = ("symmetric", "diffusion", "both")
+GENERATORS = ("prototype", "symmetric", "diffusion", "both")
 
 
 def make_generator(kind: str, checkpoint: str | Path, pattern: Pattern, n_steps: int = 100, guided: bool = True,
                    size_hint_A: float | None = None) -> Generator:
-    """The solver's candidate source by name: "diffusion" (the guided model), "symmetric" (random crystals
-    in space groups drawn from the training prior) or "both" (half each)."""
+    """The solver's candidate source by name: "prototype" (structure types of training crystals with the
+    elements substituted, then random symmetric crystals once the library runs out), "diffusion" (the guided
+    model), "symmetric" (random crystals in space groups drawn from the training prior) or "both" (half
+    diffusion, half symmetric)."""
+    from xtalsolve.prototypes import prototype_generator
     from xtalsolve.symmetric import symmetric_generator
 
     if kind not in GENERATORS:
         raise XtalsolveError(f"unknown generator {kind!r}; choose from {', '.join(GENERATORS)}", "--generator")
     if kind == "symmetric":
         return symmetric_generator()
+    if kind == "prototype":
+        return prototype_generator()
     model = diffusion_generator(checkpoint, pattern, n_steps, guided, size_hint_A=size_hint_A)
     return model if kind == "diffusion" else mixed_generator([(model, 0.5), (symmetric_generator(), 0.5)])
 
@@ -330,7 +336,7 @@ def solve(
                 continue
             say(f"Z = {trial.z}: drawing {count} candidates")
             structures = generate(trial.composition(composition), count,
-                                  settings.seed + 1000 * trial.z + 100_000 * stage)
+                                  settings.seed + 1000 * trial.z + 100_000 * stage, skip=first)
             say(f"Z = {trial.z}: fitting {count} candidates to the pattern")
             fitted, residuals = polish(structures, loss, PolishSettings(steps=settings.polish_steps))
             for i, path in enumerate(stored):

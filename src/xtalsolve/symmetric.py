@@ -138,7 +138,7 @@ def random_symmetric_structures(
 def symmetric_generator():
     """A solver :data:`~xtalsolve.solve.Generator` drawing :func:`random_symmetric_structures`."""
 
-    def generate(cell: Composition, n: int, seed: int) -> list[Structure]:
-        return random_symmetric_structures(cell, n, seed)
+    def generate(cell: Composition, n: int, seed: int, skip: int = 0) -> list[Structure]:
+        return random_symmetric_structures(cell, n, seed)  # random draws: the seed, not skip, makes them new
 
     return generate

@@ -1,0 +1,100 @@
+"""Candidates by element substitution into training structure types (xtalsolve.prototypes)."""
+
+from __future__ import annotations
+
+import numpy as np
+from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.core import Composition, Lattice, Structure
+
+from xtalsolve.composition import predicted_volume
+from xtalsolve.pattern import Pattern
+from xtalsolve.physics.powder import Instrument, make_grid, simulate_powder
+from xtalsolve.prototypes import (
+    library,
+    prototype_generator,
+    prototype_structures,
+    ranked_substitutions,
+    signature,
+    structure_type,
+)
+from xtalsolve.solve import SolveSettings, solve
+
+
+def rock_salt(a: str, b: str, lattice: float) -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(lattice), [a, b], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def test_structure_type_anonymises_elements_and_orders_roles():
+    nacl, mgo = structure_type(rock_salt("Na", "Cl", 5.64)), structure_type(rock_salt("Mg", "O", 4.21))
+    assert nacl[:2] == mgo[:2] == (225, ((4, "a"), (4, "b")))  # the conventional cell: 4 + 4 atoms
+    assert [el.symbol for el in nacl[2]] == ["Na", "Cl"]  # equal counts and letters: by electronegativity
+    cscl = Structure(Lattice.cubic(4.12), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    assert structure_type(cscl)[:2] == (221, ((1, "a"), (1, "b")))
+    assert signature(Composition("Ba2Ti2O6")) == (10, (2, 2, 6))
+
+
+def test_every_library_type_is_what_its_representatives_are():
+    """Rebuild representatives of a spread of types and find their type again with spglib."""
+    types = [p for protos in library().values() for p in protos]
+    assert len(types) > 4000 and sum(p.count for p in types) > 20000
+    for proto in types[::97]:
+        for rep in proto.representatives:
+            cell = Structure(Lattice(rep["lattice"]), [rep["elements"][r] for r in rep["roles"]], rep["frac"])
+            group, roles, elements = structure_type(cell)
+            assert group == proto.space_group
+            # Wyckoff letters, and which element sits on which, depend on the origin spglib picks for the cell
+            # (Heusler 1a/1b, Cmmm a/b/c/d): atom counts, orbits and elements per role must agree
+            assert sorted((n, len(w), el.symbol) for (n, w), el in zip(roles, elements)) == \
+                sorted((n, len(w), el) for (n, w), el in zip(proto.roles, rep["elements"]))
+            assert len(cell) == proto.n_atoms
+
+
+def test_ranked_substitutions_hold_the_composition_and_skip_equivalent_assignments():
+    cell = Composition("NaCl")
+    ranked = ranked_substitutions(cell)
+    assert ranked[0].prototype.space_group == 225 and ranked[0].elements == ("Na", "Cl")
+    assert all(a.log_prior >= b.log_prior for a, b in zip(ranked, ranked[1:]))
+    structures = prototype_structures(cell, 12)
+    assert all(s.composition == cell for s in structures)
+    assert all(abs(s.volume - predicted_volume(cell)) < 1e-6 for s in structures)
+    # rock salt with Na and Cl swapped is the same crystal: drawn once
+    assert sum(StructureMatcher().fit(s, rock_salt("Na", "Cl", 5.64)) for s in structures) == 1
+    # skip goes on down the same list
+    later = prototype_structures(cell, 4, skip=8)
+    assert all(np.allclose(a.lattice.matrix, b.lattice.matrix) for a, b in zip(later, structures[8:]))
+
+
+def test_leave_out_compound_drops_the_compound_itself():
+    proto = library()[(2, (1, 1))][0]  # the commonest two-atom type (rock salt)
+    compound = proto.representatives[0]["elements"]
+    cell = Composition(dict.fromkeys(compound, 1))
+    own = lambda s: s.prototype.representatives[s.representative]["elements"] == compound  # noqa: E731
+    assert any(own(s) for s in ranked_substitutions(cell))
+    kept = ranked_substitutions(cell, leave_out_compound=True)
+    assert kept and not any(own(s) for s in kept)
+    assert any(s.prototype is proto for s in kept)  # the type stays, known from its other members
+
+
+def test_generator_fills_from_the_fallback_once_the_library_runs_out():
+    cell = Composition("K3GdF6")
+    available = len(prototype_structures(cell, 1000))
+    assert 0 < available < 100
+    fill = lambda c, n, seed, skip=0: ["fill"] * n  # noqa: E731
+    drawn = prototype_generator(fill=fill)(cell, 5, 0, skip=available - 2)
+    assert [d == "fill" for d in drawn] == [False, False, True, True, True]
+
+
+def test_solve_finds_rutile_by_substitution(tmp_path):
+    """Rutile SnO2 from a simulated pattern, its own compound left out of the library."""
+    truth = Structure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.737, 3.186), ["Sn", "O"],
+                                      [[0, 0, 0], [0.3056, 0.3056, 0]])
+    grid, unit = make_grid((20.0, 80.0, 0.03))
+    y = simulate_powder([truth], instrument=Instrument(wavelength=1.5406, w=0.003), two_theta=(20, 80, 0.03),
+                        size=150.0, biso=0.5)[0]
+    y = np.random.default_rng(0).poisson(1e4 * y / y.max() + 50.0).astype(float)
+    pattern = Pattern(grid, y, np.sqrt(np.maximum(y, 1.0)), unit, 1.5406, "sno2-simulated")
+    settings = SolveSettings(samples=8, natoms=6, refine_max_nfev=8, refine_top=2)
+    summary = solve(pattern, "SnO2", prototype_generator(leave_out_compound=True), tmp_path, settings)
+    best = summary["candidates"][0]
+    assert best["rwp"] < 0.15
+    assert StructureMatcher().fit(Structure.from_file(tmp_path / best["cif"]), truth)
