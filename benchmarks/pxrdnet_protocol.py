@@ -79,15 +79,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix of the results files (separate runs)")
-    parser.add_argument("--set", choices=("pxrdnet", "mp20"), default="pxrdnet",
+    parser.add_argument("--set", choices=("pxrdnet", "mp20", "mp20_val"), default="pxrdnet",
                         help="pxrdnet: the first --n benchmark ids; mp20: a random --n of mp20_test, seeded by "
-                             "--seed (the MP-20 protocol; use --candidates 20 for @20), results mp20_protocol*")
+                             "--seed (the MP-20 protocol; use --candidates 20 for @20), results mp20_protocol*; "
+                             "mp20_val: the same from mp20_val, for tuning (results mp20_val_protocol*)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
     from pymatgen.core import Structure
 
-    from xtalsolve.data import evaluation_set
+    from xtalsolve.data import evaluation_set, validation_set
     from xtalsolve.data.structures import Pool
     from xtalsolve.metrics import TOLERANCES, match
     from xtalsolve.pattern import Pattern
@@ -98,10 +99,10 @@ def main() -> None:
     if args.set == "pxrdnet":
         pool = evaluation_set("pxrdnet", first=args.n)
     else:
-        every = evaluation_set("mp20")
+        every = evaluation_set("mp20") if args.set == "mp20" else validation_set("mp20")
         pick = np.random.default_rng(args.seed).choice(len(every), size=min(args.n, len(every)), replace=False)
-        pool = Pool("mp20", "test", tuple(every.keys[i] for i in sorted(pick)))
-    results_name = "pxrdnet_protocol" if args.set == "pxrdnet" else "mp20_protocol"
+        pool = Pool("mp20", every.role, tuple(every.keys[i] for i in sorted(pick)))
+    results_name = {"pxrdnet": "pxrdnet_protocol", "mp20": "mp20_protocol", "mp20_val": "mp20_val_protocol"}[args.set]
     tensors = pool.load()
     references = [tensors.structure(i) for i in range(len(tensors))]
     ids = [key[1] for key in pool.keys]

@@ -17,7 +17,7 @@ from xtalsolve.prototypes import (
     signature,
     structure_type,
 )
-from xtalsolve.solve import SolveSettings, solve
+from xtalsolve.solve import SolveSettings, _scored, solve
 
 
 def rock_salt(a: str, b: str, lattice: float) -> Structure:
@@ -79,9 +79,21 @@ def test_generator_fills_from_the_fallback_once_the_library_runs_out():
     cell = Composition("K3GdF6")
     available = len(prototype_structures(cell, 1000))
     assert 0 < available < 100
-    fill = lambda c, n, seed, skip=0: ["fill"] * n  # noqa: E731
+    fill = lambda c, n, seed, skip=0: [Structure(Lattice.cubic(9.0), ["K"], [[0, 0, 0]]) for _ in range(n)]  # noqa: E731
     drawn = prototype_generator(fill=fill)(cell, 5, 0, skip=available - 2)
-    assert [d == "fill" for d in drawn] == [False, False, True, True, True]
+    assert [s.composition == cell for s in drawn] == [True, True, False, False, False]
+    # the prior's order goes on through the fill: the solver prices it
+    assert [s.properties["prior_rank"] for s in drawn] == list(range(available - 2, available + 3))
+
+
+def test_prior_rank_raises_the_screen_score():
+    settings = SolveSettings(parameter_price=0.01, prior_price=0.01)
+    cif = Structure(Lattice.cubic(4.0), ["Po"], [[0, 0, 0]]).to(fmt="cif")  # one free parameter: a
+    ranked = _scored({"screen_residual": 0.1, "screen_cif": cif, "prior_rank": 10}, settings)
+    unranked = _scored({"screen_residual": 0.1, "screen_cif": cif, "prior_rank": None}, settings)
+    assert ranked["screen_free_parameters"] == 1
+    assert np.isclose(unranked["screen_score"], 0.1 * 1.01)
+    assert np.isclose(ranked["screen_score"], 0.1 * 1.01 * 1.10)
 
 
 def test_solve_finds_rutile_by_substitution(tmp_path):

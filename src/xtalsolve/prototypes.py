@@ -201,7 +201,8 @@ def prototype_structures(cell: Composition, n: int, skip: int = 0, volume_A3: fl
     """Candidates ``skip`` to ``skip + n`` of :func:`ranked_substitutions` (fewer when the library runs out),
     scaled to ``volume_A3`` (angstrom^3; default the composition prior of the cell). An assignment that gives the
     same crystal as a better-ranked one of the same type (rock salt with Na and Cl swapped is rock salt shifted by
-    half a cell; a second representative of a cubic type) is skipped (pymatgen StructureMatcher)."""
+    half a cell; a second representative of a cubic type) is skipped (pymatgen StructureMatcher). Each carries
+    its place in that list as ``properties["prior_rank"]`` (0 = likeliest), which the solver's ranking uses."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
     volume = predicted_volume(cell) if volume_A3 is None else float(volume_A3)
@@ -216,6 +217,7 @@ def prototype_structures(cell: Composition, n: int, skip: int = 0, volume_A3: fl
         if any(matcher.fit(structure, other) for other in same_type):
             continue
         same_type.append(structure)
+        structure.properties["prior_rank"] = len(out)
         out.append(structure)
     return out[skip:]
 
@@ -230,8 +232,11 @@ def prototype_generator(fill=None, leave_out_compound: bool = False):
 
     def generate(cell: Composition, n: int, seed: int, skip: int = 0) -> list[Structure]:
         out = prototype_structures(cell, n, skip, leave_out_compound=leave_out_compound)
-        if len(out) < n:
-            out += list(fill(cell, n - len(out), seed))
+        if len(out) < n:  # after every type of the library in the prior's order
+            extra = list(fill(cell, n - len(out), seed))
+            for j, structure in enumerate(extra):
+                structure.properties["prior_rank"] = skip + len(out) + j
+            out += extra
         return out
 
     return generate
