@@ -54,18 +54,18 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - spglib fails on a few odd cells; they add no type
             skipped += 1
             continue
-        key = (group, roles_key)
-        entry = types[key]
+        symbols = [el.symbol for el in roles]
+        entry = types[(group, roles_key)]
         entry["count"] += 1
         if len(entry["members"]) < MAX_MEMBERS:
-            entry["members"].append([el.symbol for el in roles])
+            entry["members"].append(symbols)
         if len(entry["representatives"]) < MAX_REPRESENTATIVES:
             cell = structure.get_reduced_structure()
             form = shape(cell)
             new_shape = all(np.abs(form - other).max() > SHAPE_TOLERANCE for other in entry["shapes"])
             # a second compound even of the same shape, so that a type survives leaving one compound out
             spare = len(entry["representatives"]) == 1 and \
-                entry["representatives"][0]["elements"] != [el.symbol for el in roles]
+                entry["representatives"][0]["elements"] != symbols
             if new_shape or spare:
                 entry["shapes"].append(form)
                 role_of = {el: i for i, el in enumerate(roles)}
@@ -73,7 +73,7 @@ def main() -> None:
                     "lattice": np.round(cell.lattice.matrix, 5).tolist(),
                     "frac": np.round(cell.frac_coords % 1.0, 5).tolist(),
                     "roles": [role_of[site.specie] for site in cell],
-                    "elements": [el.symbol for el in roles],
+                    "elements": symbols,
                 })
     library = []
     for (group, roles), entry in sorted(types.items(), key=lambda kv: -kv[1]["count"]):

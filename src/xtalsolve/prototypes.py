@@ -84,7 +84,11 @@ def structure_type(structure: Structure, symprec: float = 0.1) -> tuple[int, tup
 
 def signature(cell: Composition) -> tuple[int, tuple[int, ...]]:
     """Atoms per cell and the sorted atom counts per element: what a type must share with a cell content."""
-    counts = tuple(sorted(int(round(v)) for v in cell.values()))
+    return _signature(int(round(v)) for v in cell.values())
+
+
+def _signature(counts) -> tuple[int, tuple[int, ...]]:
+    counts = tuple(sorted(counts))
     return sum(counts), counts
 
 
@@ -98,8 +102,7 @@ def library() -> dict[tuple[int, tuple[int, ...]], list[Prototype]]:
     for entry in raw["types"]:
         proto = Prototype(entry["space_group"], tuple((int(n), str(w)) for n, w in entry["roles"]), entry["count"],
                           tuple(tuple(m) for m in entry["members"]), tuple(entry["representatives"]))
-        counts = tuple(sorted(n for n, _ in proto.roles))
-        index[(sum(counts), counts)].append(proto)
+        index[_signature(n for n, _ in proto.roles)].append(proto)
     return dict(index)
 
 
@@ -172,7 +175,8 @@ def _same_compound(cell: Composition, proto: Prototype, elements: Sequence[str])
     return Composition({el: n for el, (n, _) in zip(elements, proto.roles)}) == cell
 
 
-def ranked_substitutions(cell: Composition, leave_out_compound: bool = False) -> list[Substitution]:
+@lru_cache(maxsize=64)  # the solver asks again for each round of Z trials
+def ranked_substitutions(cell: Composition, leave_out_compound: bool = False) -> tuple[Substitution, ...]:
     """Every (type, representative, element assignment) that holds ``cell`` exactly, best prior first: log of the
     type's member count minus ``CHEMISTRY_WEIGHT`` times the assignment's chemical distance; a type's further
     representatives (other cell shapes) follow its first at a small penalty.
@@ -193,7 +197,7 @@ def ranked_substitutions(cell: Composition, leave_out_compound: bool = False) ->
             for rank, k in enumerate(reps):
                 out.append(Substitution(proto, k, elements, base - 0.5 * rank))
     out.sort(key=lambda s: -s.log_prior)
-    return out
+    return tuple(out)
 
 
 def prototype_structures(cell: Composition, n: int, skip: int = 0, volume_A3: float | None = None,

@@ -278,18 +278,19 @@ def _rank_key(record: dict) -> tuple[bool, float]:
 
 
 def _scored(record: dict, settings: SolveSettings) -> dict:
-    """``record`` with the parameter-priced score of each misfit it holds (screen residual, Rwp); the free
-    parameters are counted from its CIF when not given (records stored by older runs lack both)."""
+    """``record`` with the parameter-priced score of each misfit it holds (screen residual, also priced for its
+    prior rank; Rwp); the free parameters are counted from its CIF when not given (records stored by older runs
+    lack both)."""
     from xtalsolve.polish import free_parameters
 
-    for misfit, cif, n_key, score in (("screen_residual", "screen_cif", "screen_free_parameters", "screen_score"),
-                                      ("rwp", "cif", "free_parameters", "score")):
+    prior = 1.0 + settings.prior_price * (record.get("prior_rank") or 0)  # screening only (see SolveSettings)
+    for misfit, cif, n_key, score, factor in (
+            ("screen_residual", "screen_cif", "screen_free_parameters", "screen_score", prior),
+            ("rwp", "cif", "free_parameters", "score", 1.0)):
         if misfit in record and score not in record:
             if n_key not in record:
                 record[n_key] = free_parameters(Structure.from_str(record[cif], fmt="cif"))
-            record[score] = parsimonious(record[misfit], record[n_key], settings.parameter_price)
-            if score == "screen_score" and record.get("prior_rank") is not None:
-                record[score] *= 1.0 + settings.prior_price * record["prior_rank"]
+            record[score] = factor * parsimonious(record[misfit], record[n_key], settings.parameter_price)
     return record
 
 
