@@ -197,3 +197,28 @@ def test_fast_broad_path_matches_exact_rendering(mp20_sample, size, tolerance):
     exact = powder_pattern(batch, torch.as_tensor(grid), unit, Instrument(), size=size, merge=True).numpy()
     error = np.abs(fast - exact).max(1) / exact.max(1)
     assert error.max() < tolerance
+
+
+def test_cube_size_profile_is_the_laue_interference_function():
+    """shape="cube": every reflection broadened by the exact profile of a cube of edge D along an edge,
+    D sinc^2(D dQ / 2) / (2 pi) per unit area; absolute areas kept."""
+    po = Structure(Lattice.cubic(3.0), ["Po"], [[0, 0, 0]])
+    size, wavelength = 25.0, 1.54184
+    q = torch.arange(0.5, 8.0 + 1e-9, 0.005, dtype=torch.float64)
+    batch = CrystalBatch.from_structures([po], dtype=torch.float64)
+    y = powder_pattern(batch, q, "q", Instrument(wavelength=wavelength, w=1e-6), size=size, binned=True,
+                       shape="cube")[0].numpy()
+    qn, laue = q.numpy(), np.zeros(len(q))
+    for peak in bragg_peaks(po, wavelength, (0.0, 180.0)):
+        centre = 4 * np.pi * np.sin(np.radians(peak["two_theta"] / 2)) / wavelength
+        laue += peak["intensity"] * size / (2 * np.pi) * np.sinc(size * (qn - centre) / (2 * np.pi)) ** 2
+    inside = (qn > 1.5) & (qn < 7.0)  # away from the ends, where reflections beyond the grid are cut
+    assert np.linalg.norm(y[inside] - laue[inside]) / np.linalg.norm(laue[inside]) < 0.01
+
+
+def test_unknown_crystallite_shape_and_unsupported_renderer_are_refused():
+    with pytest.raises(XtalsolveError, match="unknown crystallite shape"):
+        simulate_powder([Structure(Lattice.cubic(3.0), ["Po"], [[0, 0, 0]])], size=20.0, shape="prism")
+    batch = CrystalBatch.from_structures([Structure(Lattice.cubic(3.0), ["Po"], [[0, 0, 0]])])
+    with pytest.raises(XtalsolveError, match="uniform Q grid"):
+        powder_pattern(batch, torch.linspace(10, 80, 100), "2theta", size=20.0, shape="sphere")

@@ -4,6 +4,7 @@ returns the true structure perturbed, and by one that returns wrong structures."
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from pymatgen.core import Lattice, Structure
 
 from xtalsolve.pattern import Pattern
 from xtalsolve.physics.powder import Instrument, make_grid, simulate_powder
-from xtalsolve.solve import SolveSettings, explore_then_exploit, solve
+from xtalsolve.errors import XtalsolveError
+from xtalsolve.solve import SolveSettings, explore_then_exploit, independent_observations, ranking_basis, solve
 from xtalsolve.composition import CellTrial
 
 
@@ -75,6 +77,24 @@ def test_solve_ranks_the_truth_first_and_resumes(tmp_path, rutile_pattern):
     calls.clear()
     again = solve(pattern, "TiO2", generate, tmp_path, settings)
     assert calls == [] and again["candidates"] == summary["candidates"]
+    assert summary["ranking"]["by"] == "rwp"  # D = 150 A over 20-75 degrees: ~150 independent observations
+
+    # ranked again by the restrained fit instead (same candidates, nothing refined again)
+    by_fit = solve(pattern, "TiO2", generate, tmp_path, replace(settings, rank_by="fit"))
+    scores = [c["screen_score"] for c in by_fit["candidates"]]
+    assert calls == [] and by_fit["ranking"]["by"] == "fit" and scores == sorted(scores)
+    assert len(by_fit["candidates"]) == len(summary["candidates"])
+
+
+def test_independent_observations_and_the_ranking_basis():
+    assert independent_observations(0.5, 8.0, 10.0) == pytest.approx(7.5 * 10.0 / np.pi)  # ~24
+    assert independent_observations(0.5, 8.0, 100.0) == pytest.approx(238.7, abs=0.1)
+    auto = SolveSettings()
+    assert ranking_basis(auto, independent_observations(0.5, 8.0, 10.0)) == "fit"
+    assert ranking_basis(auto, independent_observations(0.5, 8.0, 100.0)) == "rwp"
+    assert ranking_basis(SolveSettings(rank_by="rwp"), 5.0) == "rwp"
+    with pytest.raises(XtalsolveError, match="unknown ranking"):
+        ranking_basis(SolveSettings(rank_by="chi2"), 100.0)
 
 
 def test_solve_command_end_to_end_with_a_model_checkpoint(tmp_path, rutile_pattern):

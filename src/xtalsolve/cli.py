@@ -264,6 +264,12 @@ def spectra_evaluate(
         out.write_text(table + "\n\n```json\n" + json.dumps(rows, indent=2) + "\n```\n")
 
 
+ShapeOpt = Annotated[str, typer.Option("--crystallite-shape", help="Size-broadening profile: lorentzian (Scherrer "
+                                       "width, Rietveld practice; stands in for a spread of sizes), sphere or cube "
+                                       "(the exact profile of spheres (diameter) or cubes (edge) of the "
+                                       "crystallite size).")]
+
+
 @app.command()
 def simulate(
     structures: Annotated[list[Path], typer.Argument(help="Structure files (CIF, POSCAR, ...).")],
@@ -287,6 +293,7 @@ def simulate(
         Optional[float], typer.Option("--biso", help="Isotropic B in angstrom^2 (default 0; 0.5 for a PDF).")
     ] = None,
     neutron: Annotated[bool, typer.Option("--neutron", help="Neutron instead of X-ray scattering.")] = False,
+    shape: ShapeOpt = "lorentzian",
 ):
     """Simulate powder patterns (Bragg or Debye) or PDFs of crystal structures; one <name>.xy per structure."""
     from xtalsolve.io import write_xy
@@ -321,9 +328,11 @@ def simulate(
             signals = simulate_nanoparticle(crystals, size, lam, two_theta, q, biso=biso, radiation=kind)
             header |= {"model": "Debye scattering equation", "particle_diameter_A": size}
         else:
-            signals = simulate_powder(crystals, lam, two_theta, q, size=size, biso=biso, radiation=kind)
+            signals = simulate_powder(crystals, lam, two_theta, q, size=size, biso=biso, radiation=kind, shape=shape)
             header |= {"model": "Bragg, Thompson-Cox-Hastings pseudo-Voigt, Caglioti W = 0.0025 deg^2",
                        "crystallite_size_A": "infinite" if size is None else size}
+            if size is not None:
+                header["crystallite_shape"] = shape
     out.mkdir(parents=True, exist_ok=True)
     for path, crystal, y in zip(structures, crystals, signals):
         sigma = np.ones_like(y) if unit == "r" else np.sqrt(np.maximum(y, 0.0))
@@ -517,22 +526,27 @@ def solve(
                                            "symmetric crystals; measured best), symmetric (random crystals in "
                                            "space groups drawn from the training prior), diffusion (the guided "
                                            "model) or both (half diffusion, half symmetric).")] = "prototype",
+    rank_by: Annotated[str, typer.Option("--rank-by", help="Order of the refined candidates: rwp (Rietveld), fit "
+                                         "(the restrained fit every candidate gets: fixed instrument, size and "
+                                         "displacement) or auto (rwp when the pattern has enough independent "
+                                         "observations, fit for very broad patterns).")] = "auto",
+    shape: ShapeOpt = "lorentzian",
 ):
     """Solve a structure: draw candidates (known structure types with substituted elements, random symmetric
     crystals and/or the guided diffusion model), fit and refine them, rank by Rwp priced for free parameters."""
     data = load_pattern_option(pattern, wavelength, radiation, x_unit)
     _solve_and_report(data, formula, out, checkpoint, samples=samples, seed=seed, size_hint=size_hint, natoms=natoms,
-                      steps=steps, guided=not no_guidance, generator=generator)
+                      steps=steps, guided=not no_guidance, generator=generator, rank_by=rank_by, shape=shape)
 
 
 def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *, samples: int, seed: int,
                       size_hint: float | None, natoms: int | None, steps: int, guided: bool,
-                      generator: str = "prototype") -> dict:
+                      generator: str = "prototype", rank_by: str = "auto", shape: str = "lorentzian") -> dict:
     """Run the solver on a loaded pattern with a progress log on stderr and a one-line result on stdout."""
     import torch
     from rich.console import Console
 
-    from xtalsolve.solve import SolveSettings, make_generator, shipped_checkpoint
+    from xtalsolve.solve import SolveSettings, make_generator, ranking_basis, shipped_checkpoint
     from xtalsolve.solve import solve as run_solve
 
     if samples < 1:
@@ -544,12 +558,19 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
     torch.set_num_threads(1)  # small batches: one thread is as fast and leaves the other cores free
     generate = make_generator(generator, checkpoint, data, steps, guided, size_hint_A=size_hint)
     console = Console(stderr=True)
-    settings = SolveSettings(samples=samples, seed=seed, natoms=natoms, size_hint_A=size_hint)
+    from xtalsolve.physics.powder import CRYSTALLITE_SHAPES
+
+    if shape not in CRYSTALLITE_SHAPES:
+        raise XtalsolveError(f"unknown crystallite shape {shape!r}; choose from {', '.join(CRYSTALLITE_SHAPES)}",
+                             "--crystallite-shape")
+    settings = SolveSettings(samples=samples, seed=seed, natoms=natoms, size_hint_A=size_hint, rank_by=rank_by,
+                             crystallite_shape=shape)
+    ranking_basis(settings, 0.0)  # an unknown --rank-by fails here, before any work
     summary = run_solve(data, formula, generate, out, settings, progress=lambda m: console.log(m))
     best = summary["candidates"][0]
     typer.echo(f"{out}: rank 1 {best['cif']} Rwp {best['rwp']:.2%} {best['space_group']} "
-               f"({len(summary['candidates'])} refined of {len(summary['screened'])} fitted, "
-               f"{summary['timing_s']:.0f} s)")
+               f"({len(summary['candidates'])} refined of {len(summary['screened'])} fitted, ranked by "
+               f"{summary['ranking']['by']}, {summary['timing_s']:.0f} s)")
     return summary
 
 

@@ -49,7 +49,20 @@ class SolveSettings:
     prototype library's order) has its fit residual also raised by ``prior_price`` per rank when it is screened:
     broad patterns (10 angstrom crystallites) tell similar structure types apart only weakly, and the prior then
     breaks the tie. 0.01 was chosen on 24 mp20_val crystals at D = 10 A (screened top-1 9 -> 12 loose matches,
-    top-10 17 -> 20)."""
+    top-10 17 -> 20).
+
+    ``rank_by`` is what orders the refined candidates: "rwp" (the priced Rwp of the Rietveld refinement), "fit"
+    (the priced screening residual: every candidate fitted with the same fixed instrument, crystallite size,
+    displacement and a 4-term background) or "auto": "rwp" when the pattern holds at least
+    ``rwp_ranking_observations`` independent observations (:func:`independent_observations`), else "fit". A
+    Rietveld model has some 15-25 profile, background and structural parameters; when the pattern has only a few
+    dozen independent observations (crystallites of 10 angstrom: the peaks are humps 0.6 1/angstrom wide) they
+    fit the humps of a wrong candidate about as well as those of the right one, and Rwp no longer tells them
+    apart, while the restrained fit still does (see docs/solver.md).
+
+    ``crystallite_shape`` is the size-broadening model of the screening fit
+    (:data:`xtalsolve.physics.powder.CRYSTALLITE_SHAPES`): the Lorentzian of Rietveld practice, or the exact
+    profile of spheres or cubes of one size; the Rietveld refinement always uses the Lorentzian."""
 
     samples: int = 32
     max_trials: int = 5
@@ -64,6 +77,9 @@ class SolveSettings:
     abandon_factor: float = 2.0
     parameter_price: float = 0.01
     prior_price: float = 0.01
+    rank_by: str = "auto"
+    rwp_ranking_observations: float = 150.0
+    crystallite_shape: str = "lorentzian"
 
 
 def shipped_checkpoint() -> Path:
@@ -161,17 +177,19 @@ def explore_then_exploit(trials: Sequence[CellTrial], samples: int, explore: flo
     return round1, round2
 
 
-def pattern_loss(pattern: Pattern, size_A: float | None = None):
+def pattern_loss(pattern: Pattern, size_A: float | None = None, shape: str = "lorentzian"):
     """The mismatch the candidates are fitted and ranked by: the pattern on the model's Q grid (normalised,
     masked outside the measured range) against the forward model with free scale and background; crystallite
-    size ``size_A`` (angstrom) or fitted per candidate."""
+    size ``size_A`` (angstrom) or fitted per candidate; size-broadening model ``shape``
+    (:data:`xtalsolve.physics.powder.CRYSTALLITE_SHAPES`)."""
     from xtalsolve.data.augment import Augmentation, model_input
     from xtalsolve.diffusion.guidance import PatternLoss
     from xtalsolve.refine import instrument_of
 
     aug = Augmentation()
     observed, mask = model_input(pattern, aug)
-    return PatternLoss(aug.grid, observed.double(), mask, instrument=instrument_of(pattern), size=size_A)
+    return PatternLoss(aug.grid, observed.double(), mask, instrument=instrument_of(pattern), size=size_A,
+                       shape=shape)
 
 
 def distinct(records: Sequence[dict], n: int) -> list[dict]:
@@ -271,10 +289,45 @@ def parsimonious(misfit: float, free_parameters: int, price: float) -> float:
     return misfit * (1.0 + price * free_parameters)
 
 
-def _rank_key(record: dict) -> tuple[bool, float]:
-    """Order of refined candidates: by their parameter-priced Rwp, those with atoms on top of each other after
-    every plausible one."""
-    return not record.get("plausible", True), record["score"]
+RANK_BY = ("auto", "rwp", "fit")
+
+
+def independent_observations(q_min: float, q_max: float, size_A: float) -> float:
+    """Shannon's number of independent observations in a powder pattern measured from ``q_min`` to ``q_max``
+    (1/angstrom) on crystallites of ``size_A`` angstrom: the pattern is the Fourier transform of pair
+    correlations that end at the particle size, so it is sampled fully by points pi / size_A apart (as for a
+    PDF, Farrow & Billinge, Acta Cryst. A 65, 232 (2009)). About 24 for 10 angstrom crystallites over
+    0.5-8 1/angstrom, 240 for 100 angstrom."""
+    return max(float(q_max) - float(q_min), 0.0) * float(size_A) / np.pi
+
+
+def ranking_basis(settings: SolveSettings, observations: float) -> str:
+    """"rwp" or "fit": what orders the refined candidates (see :class:`SolveSettings`)."""
+    if settings.rank_by not in RANK_BY:
+        raise XtalsolveError(f"unknown ranking {settings.rank_by!r}; choose from {', '.join(RANK_BY)}", "--rank-by")
+    if settings.rank_by != "auto":
+        return settings.rank_by
+    return "rwp" if observations >= settings.rwp_ranking_observations else "fit"
+
+
+def _rank_key(record: dict, basis: str = "rwp") -> tuple[bool, float]:
+    """Order of refined candidates: by their parameter-priced Rwp (``basis`` "rwp") or priced screening residual
+    ("fit"), those with atoms on top of each other after every plausible one."""
+    return not record.get("plausible", True), record["score" if basis == "rwp" else "screen_score"]
+
+
+def _observations(loss, structure: Structure, size_A: float | None) -> tuple[float, float]:
+    """(independent observations, crystallite size in angstrom) of the pattern of ``loss``: the size given, else
+    the size fitted to ``structure`` (the best-screened candidate)."""
+    import torch
+
+    from xtalsolve.crystal.batch import CrystalBatch
+    from xtalsolve.diffusion.guidance import fit_size
+
+    if size_A is None:
+        size_A = float(fit_size(loss, CrystalBatch.from_structures([structure], dtype=torch.float64))[0])
+    q = loss.grid[torch.as_tensor(loss.mask).bool().reshape(-1)]
+    return independent_observations(float(q.min()), float(q.max()), size_A), float(size_A)
 
 
 def _scored(record: dict, settings: SolveSettings) -> dict:
@@ -333,7 +386,7 @@ def solve(
     say = progress or (lambda message: None)
 
     options = {"size": settings.size_hint_A} if settings.size_hint_A else {}
-    loss = pattern_loss(pattern, settings.size_hint_A)
+    loss = pattern_loss(pattern, settings.size_hint_A, settings.crystallite_shape)
     records = []
 
     def screen(plan: list[tuple[CellTrial, int]], stage: int) -> None:
@@ -375,6 +428,11 @@ def solve(
 
     # full Rietveld for the best screened candidates (kept on disk too, so a resumed run skips them)
     screened = sorted((r for r in records if "screen_residual" in r), key=lambda r: r["screen_score"])
+    if not screened:
+        raise XtalsolveError(f"no candidate could be fitted to the pattern (reasons in {store})", pattern.source)
+    observations, size = _observations(loss, Structure.from_str(screened[0]["screen_cif"], fmt="cif"),
+                                       settings.size_hint_A)
+    basis = ranking_basis(settings, observations)
     best, best_key = None, None
     best_rwp = min((r["rwp"] for r in records if "rwp" in r), default=np.inf)
     for record in distinct(screened, settings.refine_top):
@@ -401,13 +459,13 @@ def solve(
                        **dict(zip(("min_distance_A", "plausible"), contact_check(result.structure))),
                        "seconds": round(result.seconds, 2)}
             _scored(record, settings)
-            key = _rank_key(record)
+            key = _rank_key(record, basis)
             if best is None or key < best_key:
                 best, best_key = result, key
             best_rwp = min(best_rwp, result.rwp)
         path.write_text(json.dumps(record))
 
-    ranked = sorted((r for r in records if "rwp" in r), key=_rank_key)
+    ranked = sorted((r for r in records if "rwp" in r), key=lambda r: _rank_key(r, basis))
     candidates = []
     for rank, record in enumerate(ranked, start=1):
         name = f"rank{rank:02d}.cif"
@@ -417,7 +475,7 @@ def solve(
             write_cif(Structure.from_str(record["cif"], fmt="cif"), out / name)
         candidates.append({"rank": rank, "cif": name, **{k: record[k] for k in
                                                          ("rwp", "rp", "gof", "space_group", "lattice", "z",
-                                                          "free_parameters", "score")},
+                                                          "free_parameters", "score", "screen_score")},
                            "min_distance_A": record.get("min_distance_A"), "plausible": record.get("plausible")})
     if best is not None and abs(best.rwp - ranked[0]["rwp"]) < 1e-12:
         plot_fit(best, out / "fit.png", title=f"{composition.reduced_formula}: rank 1, Rwp {best.rwp:.2%}")
@@ -425,6 +483,8 @@ def solve(
         "formula": composition.reduced_formula,
         "source": pattern.source,
         "trials": [{"z": t.z, "n_atoms": t.n_atoms, "probability": t.probability} for t in trials],
+        "ranking": {"by": basis, "independent_observations": round(observations, 1),
+                    "crystallite_size_A": round(size, 1)},
         "candidates": candidates,
         "screened": [{"z": r["z"], "index": r["index"], "screen_residual": r["screen_residual"],
                       "screen_score": r["screen_score"], "refined": "rwp" in r,

@@ -86,7 +86,8 @@ class PatternLoss:
     """Mismatch between crystals and a measured pattern on a uniform Q grid (1/angstrom).
 
     observed: (B, P) or (P,) normalised intensity; mask: same shape, the measured range; size: crystallite size in
-    angstrom (float, (B,) tensor, or None = fit with :func:`fit_size`); biso in angstrom^2. ``__call__`` returns the
+    angstrom (float, (B,) tensor, or None = fit with :func:`fit_size`); biso in angstrom^2; shape: the
+    size-broadening model (:data:`xtalsolve.physics.powder.CRYSTALLITE_SHAPES`). ``__call__`` returns the
     per-crystal residual norm sqrt(mean_mask (y - s calc - background)^2) (B,), differentiable in lattice and
     coordinates; with ``size=None`` the first call fits the size and keeps it (the sampler refits it during
     sampling and resets it to None afterwards).
@@ -100,6 +101,7 @@ class PatternLoss:
     biso: float = 0.5
     n_background: int = 4
     size_candidates: tuple[float, ...] = (10.0, 20.0, 40.0, 80.0, 160.0, 400.0, 1000.0)
+    shape: str = "lorentzian"
     _basis: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -117,7 +119,7 @@ class PatternLoss:
         """Residual norms (B,); ``blur``: Gaussian std (1/angstrom) applied to both patterns before comparing."""
         size = self.size if size is None else size
         calc = powder_pattern(batch, self.grid.to(batch.lattice.dtype), "q", self.instrument, size=size,
-                              biso=self.biso, binned=True)
+                              biso=self.biso, binned=True, shape=self.shape)
         calc = calc / calc.detach().amax(1, keepdim=True).clamp(min=1e-30)
         observed, mask = self._targets(len(batch), calc.dtype)
         step = float(self.grid[1] - self.grid[0])

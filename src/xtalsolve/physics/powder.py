@@ -296,17 +296,43 @@ def render_peaks(
     return out.scatter_add(1, index.reshape(bsz, -1), values.reshape(bsz, -1))[:, 1:-1]
 
 
+CRYSTALLITE_SHAPES = ("lorentzian", "sphere", "cube")
+"""Size-broadening models: "lorentzian" (Scherrer width in a TCH pseudo-Voigt, the usual Rietveld choice, which
+also stands in for a spread of sizes) or the exact profile of one crystallite shape of size D: "sphere" of
+diameter D, "cube" of edge D (the Laue interference function D sinc^2(D dQ / 2) of reflections along an edge)."""
+
+
+def size_transfer(length: torch.Tensor, size, shape: str) -> torch.Tensor:
+    """Fourier coefficients A(L) of the size-broadening profile of crystallites of ``size`` (angstrom; scalar or
+    (B,)) at column lengths ``length`` (angstrom, (K,)): the common-volume function of the crystallite and its
+    copy shifted by L, normalised to A(0) = 1 (so the profile has unit area). Returns (B, K) or (1, K).
+    Sphere of diameter D: 1 - 3/2 (L/D) + 1/2 (L/D)^3; cube of edge D along an edge: 1 - L/D; both 0 beyond D
+    (Warren, X-ray Diffraction, ch. 13). The profile in Q is the cosine transform of A(L)."""
+    size = torch.as_tensor(size, dtype=length.dtype, device=length.device).reshape(-1, 1)
+    t = (length.abs().unsqueeze(0) / size).clamp(max=1.0)
+    if shape == "sphere":
+        return 1.0 - 1.5 * t + 0.5 * t**3
+    if shape == "cube":
+        return 1.0 - t
+    raise XtalsolveError(f"unknown crystallite shape {shape!r}; choose from {', '.join(CRYSTALLITE_SHAPES)}")
+
+
 def render_binned(
     grid: torch.Tensor, centres: torch.Tensor, areas: torch.Tensor, fwhm: torch.Tensor, eta: torch.Tensor,
-    oversample: int = 4,
+    oversample: int = 4, size=None, shape: str = "lorentzian",
 ) -> torch.Tensor:
-    """Fast approximate rendering for training data: sticks binned on a grid ``oversample`` times finer than the
-    uniform ``grid`` (linear split between neighbouring bins keeps area and centroid), convolved by FFT with one
-    pseudo-Voigt per pattern whose FWHM and eta are the intensity-weighted means of its peaks, then averaged over
-    each grid point's bin (so that peaks narrower than the grid keep their area).
+    """Fast approximate rendering for training data and screening: sticks binned on a grid ``oversample`` times
+    finer than the uniform ``grid`` (linear split between neighbouring bins keeps area and centroid), convolved
+    by FFT with one pseudo-Voigt per pattern whose FWHM and eta are the intensity-weighted means of its peaks,
+    then averaged over each grid point's bin (so that peaks narrower than the grid keep their area).
 
     Exact when all peaks of a pattern share one width, as Scherrer size broadening does on a Q grid; the Q
     dependence of strain and instrument widths is averaged. Not for refinement (use :func:`render_peaks`).
+
+    ``shape`` "sphere" or "cube" (a Q grid, 1/angstrom): the size broadening of crystallites of ``size``
+    angstrom is that exact profile, applied as its Fourier coefficients :func:`size_transfer` (the FFT's
+    conjugate variable of Q is the column length L = 2 pi k / (n step)), so it is exact and never truncated;
+    ``fwhm`` and ``eta`` then describe the other broadening only.
     """
     bsz = centres.shape[0]
     n_points = grid.shape[0]
@@ -314,6 +340,9 @@ def render_binned(
     weight = areas / areas.sum(1, keepdim=True).clamp(min=1e-30)
     width = (weight * fwhm).sum(1, keepdim=True)
     mix = (weight * eta).sum(1, keepdim=True)
+    shaped = shape != "lorentzian" and size is not None
+    if shaped:  # the remaining (instrument) peak may be narrower than a fine bin: keep it sampled, unit area
+        width = width.clamp(min=2.0 * step)
     pad = n_points * oversample  # zero padding as long as the grid: no wrap-around of tails inside it
     n_fine = n_points * oversample + 2 * pad
     position = (centres - float(grid[0])) / step + pad
@@ -326,7 +355,13 @@ def render_binned(
     offsets = torch.arange(n_fine, dtype=areas.dtype, device=areas.device)
     offsets = torch.where(offsets < n_fine / 2, offsets, offsets - n_fine) * step  # circular, centred on 0
     kernel = pseudo_voigt(offsets.unsqueeze(0), width, mix)
-    fine = torch.fft.irfft(torch.fft.rfft(hist, n=n_fine) * torch.fft.rfft(kernel, n=n_fine), n=n_fine)
+    if shaped:
+        kernel = kernel / (kernel.sum(1, keepdim=True) * step)
+    spectrum = torch.fft.rfft(hist, n=n_fine) * torch.fft.rfft(kernel, n=n_fine)
+    if shaped:
+        length = 2.0 * math.pi * torch.arange(n_fine // 2 + 1, dtype=areas.dtype, device=areas.device) / (n_fine * step)
+        spectrum = spectrum * size_transfer(length, size, shape)
+    fine = torch.fft.irfft(spectrum, n=n_fine)
     start = pad - oversample // 2  # average each grid point's bin: peaks narrower than the grid keep their area
     return fine[:, start : start + n_points * oversample].reshape(bsz, n_points, oversample).mean(-1)
 
@@ -347,6 +382,7 @@ def powder_pattern(
     profile: dict | None = None,
     preferred_orientation: tuple | None = None,
     binned: bool = False,
+    shape: str = "lorentzian",
 ) -> torch.Tensor:
     """Differentiable powder pattern (B, P) of a batch on ``grid`` (2theta in degrees or Q in 1/angstrom).
 
@@ -355,14 +391,16 @@ def powder_pattern(
     sums coincident reflections before rendering: faster, but cuts gradients to lattice and coordinates.
     ``profile`` may override the instrument's u, v, w, x, y with (refinable) tensors.
     ``preferred_orientation`` = (axis_hkl, ratio): March-Dollase texture along that reciprocal direction.
-    ``binned`` renders with :func:`render_binned` (uniform grids; training data only).
+    ``binned`` renders with :func:`render_binned` (uniform grids; training data and screening).
+    ``shape``: the size-broadening model (:data:`CRYSTALLITE_SHAPES`); "sphere" and "cube" need ``binned`` on a
+    Q grid.
     """
     wavelength = instrument.wavelength
     grid = torch.as_tensor(grid, dtype=batch.lattice.dtype, device=batch.lattice.device)
     if instrument.wavelength2 is not None:  # doublet: the same crystal seen with both lines
         settings = dict(size=size, strain=strain, biso=biso, zero_shift=zero_shift, form_factors=form_factors,
                         reflections=reflections, n_fwhm=n_fwhm, merge=merge, profile=profile,
-                        preferred_orientation=preferred_orientation, binned=binned)
+                        preferred_orientation=preferred_orientation, binned=binned, shape=shape)
         line1 = replace(instrument, wavelength2=None)
         line2 = replace(instrument, wavelength=instrument.wavelength2, wavelength2=None)
         return powder_pattern(batch, grid, unit, line1, **settings) + instrument.ratio2 * powder_pattern(
@@ -378,10 +416,18 @@ def powder_pattern(
         intensity = intensity * march_dollase(batch.lattice, reflections.hkl.to(batch.lattice.device), axis_hkl, ratio)
     if merge:
         theta, intensity = merge_coincident_peaks(theta, intensity)
-    fwhm, eta = peak_shape(theta, wavelength, instrument, size, strain, **(profile or {}))
+    shaped = shape != "lorentzian" and size is not None
+    if shape not in CRYSTALLITE_SHAPES:
+        raise XtalsolveError(f"unknown crystallite shape {shape!r}; choose from {', '.join(CRYSTALLITE_SHAPES)}")
+    if shaped and not (binned and unit == "q"):
+        raise XtalsolveError(f"the {shape} size profile is rendered on a uniform Q grid only (binned)")
+    fwhm, eta = peak_shape(theta, wavelength, instrument, None if shaped else size, strain, **(profile or {}))
     zero = instrument.zero_shift if zero_shift is None else zero_shift
     two_theta = torch.rad2deg(2.0 * theta) + _per_structure(zero, len(batch), theta)
-    render = render_binned if binned else partial(render_peaks, n_fwhm=n_fwhm)
+    if binned:
+        render = partial(render_binned, size=size, shape=shape) if shaped else render_binned
+    else:
+        render = partial(render_peaks, n_fwhm=n_fwhm)
     if unit == "2theta":
         return render(grid, two_theta, intensity, fwhm, eta)
     if unit == "q":
@@ -429,11 +475,13 @@ def simulate_powder(
     form_factors: str = "waasmaier-kirfel",
     chunk_size: int = 32,
     dtype: torch.dtype = torch.float32,
+    shape: str = "lorentzian",
 ) -> np.ndarray:
     """Powder patterns (n_structures, n_points) of pymatgen Structures, batched inside.
 
     wavelength in angstrom; two_theta = (min, max, step) in degrees, or q = (min, max, step) in 1/angstrom
-    (q takes precedence); size = crystallite size in angstrom (None: no size broadening); biso in angstrom^2;
+    (q takes precedence); size = crystallite size in angstrom (None: no size broadening); shape = its profile
+    (:data:`CRYSTALLITE_SHAPES`); biso in angstrom^2;
     strain = microstrain Delta d / d. ``instrument`` overrides wavelength/radiation and sets the resolution.
     Computed in ``dtype`` (float32: 2theta to ~1e-4 deg, intensities to ~1e-5 relative); structures of similar
     cell volume are batched together.
@@ -451,8 +499,13 @@ def simulate_powder(
     grid = torch.as_tensor(grid_np, dtype=dtype)
     out = np.empty((len(structures), len(grid_np)))
     order = np.argsort([s.volume for s in structures], kind="stable")
-    settings = dict(size=size, strain=strain, biso=biso, form_factors=form_factors, merge=True)
-    render = _size_broadened_via_q if _is_broad(grid_np, unit, instrument.wavelength, size) else powder_pattern
+    if shape not in CRYSTALLITE_SHAPES:
+        raise XtalsolveError(f"unknown crystallite shape {shape!r}; choose from {', '.join(CRYSTALLITE_SHAPES)}",
+                             "--crystallite-shape")
+    settings = dict(size=size, strain=strain, biso=biso, form_factors=form_factors, merge=True, shape=shape)
+    exact_shape = shape != "lorentzian" and size is not None  # rendered on a uniform Q grid (render_binned)
+    broad = exact_shape or _is_broad(grid_np, unit, instrument.wavelength, size)
+    render = _size_broadened_via_q if broad else powder_pattern
     with torch.no_grad():
         for start in range(0, len(structures), chunk_size):
             chunk = order[start : start + chunk_size]
