@@ -92,6 +92,7 @@ def test_independent_observations_and_the_ranking_basis():
     auto = SolveSettings()
     assert ranking_basis(auto, independent_observations(0.5, 8.0, 10.0)) == "fit"
     assert ranking_basis(auto, independent_observations(0.5, 8.0, 100.0)) == "rwp"
+    assert ranking_basis(auto, 55.4) == "rwp"  # the measured Rb2S phase II (MoKa, ~80 A): Rwp ranks it right
     assert ranking_basis(SolveSettings(rank_by="rwp"), 5.0) == "rwp"
     with pytest.raises(XtalsolveError, match="unknown ranking"):
         ranking_basis(SolveSettings(rank_by="chi2"), 100.0)

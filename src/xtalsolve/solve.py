@@ -55,10 +55,12 @@ class SolveSettings:
     (the priced screening residual: every candidate fitted with the same fixed instrument, crystallite size,
     displacement and a 4-term background) or "auto": "rwp" when the pattern holds at least
     ``rwp_ranking_observations`` independent observations (:func:`independent_observations`), else "fit". A
-    Rietveld model has some 15-25 profile, background and structural parameters; when the pattern has only a few
-    dozen independent observations (crystallites of 10 angstrom: the peaks are humps 0.6 1/angstrom wide) they
-    fit the humps of a wrong candidate about as well as those of the right one, and Rwp no longer tells them
-    apart, while the restrained fit still does (see docs/solver.md).
+    Rietveld model has some 15-25 profile, background and structural parameters; when the pattern has fewer than
+    about two independent observations per parameter (crystallites of 10 angstrom: 24 observations, the peaks
+    are humps 0.6 1/angstrom wide) they fit the humps of a wrong candidate about as well as those of the right
+    one, and Rwp no longer tells them apart, while the restrained fit still does. The threshold 40 is that
+    argument, checked at both ends only (10 angstrom: restrained fit far better; 100 angstrom, 240: Rwp as good
+    or better; measured Rb2S at 55: Rwp right, restrained fit wrong); see docs/solver.md.
 
     ``crystallite_shape`` is the size-broadening model of the screening fit
     (:data:`xtalsolve.physics.powder.CRYSTALLITE_SHAPES`): the Lorentzian of Rietveld practice, or the exact
@@ -78,7 +80,7 @@ class SolveSettings:
     parameter_price: float = 0.01
     prior_price: float = 0.01
     rank_by: str = "auto"
-    rwp_ranking_observations: float = 150.0
+    rwp_ranking_observations: float = 40.0
     crystallite_shape: str = "lorentzian"
 
 
