@@ -34,3 +34,17 @@ def mncuf6() -> Structure:
         [0.85037, 0.461003, 0.732691],
     ]  # fmt: skip
     return Structure(lattice, species, frac)
+
+
+def lab_pattern(structure: Structure, two_theta: tuple[float, float, float], size: float, name: str,
+                wavelength: float = 1.5406, background: float = 30.0):
+    """Noise-free simulated lab pattern of ``structure`` (Cu Ka1, crystallites of ``size`` angstrom, B 0.5 A^2):
+    10^4 counts at the strongest peak on a flat ``background``, sigma = sqrt(counts)."""
+    from xtalsolve.pattern import Pattern
+    from xtalsolve.physics.powder import Instrument, make_grid, simulate_powder
+
+    grid, unit = make_grid(two_theta)
+    y = simulate_powder([structure], instrument=Instrument(wavelength=wavelength), two_theta=two_theta, size=size,
+                        biso=0.5)[0]
+    y = 1e4 * y / y.max() + background
+    return Pattern(grid, y, np.sqrt(y), unit, wavelength, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +50,9 @@ def test_simulate_writes_xy_with_peaks_where_pymatgen_puts_them(tmp_path, rocksa
         (["simulate", "{cif}", "--wavelength", "-1", "-o", "x"], "--wavelength"),
         (["simulate", "{cif}", "--size", "0", "-o", "x"], "--size"),
         (["simulate", "{bad}", "-o", "x"], "cannot read a crystal structure"),
+        (["simulate", "{cif}", "--size", "30", "--crystallite-shape", "prism", "-o", "x"], "unknown crystallite shape"),
+        (["solve", "{xy}", "--formula", "NaCl", "--crystallite-shape", "prism", "--out", "x"], "--crystallite-shape"),
+        (["solve", "{xy}", "--formula", "NaCl", "--rank-by", "chi2", "--out", "x"], "unknown ranking"),
     ],
 )
 def test_simulate_bad_input_gives_one_line(tmp_path, rocksalt, args, message):
@@ -56,7 +60,8 @@ def test_simulate_bad_input_gives_one_line(tmp_path, rocksalt, args, message):
     rocksalt.to(filename=str(cif))
     bad = tmp_path / "bad.cif"
     bad.write_text("data_x\n_cell_length_a 3\nloop_\n_atom_site_label\n")
-    args = [a.format(cif=cif, bad=bad) for a in args]
+    xy = Path(__file__).resolve().parents[1] / "src/xtalsolve/resources/examples/NaCl_nano_CuKa1.xy"
+    args = [a.format(cif=cif, bad=bad, xy=xy) for a in args]
     result = run(*args, cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -10,22 +10,17 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Lattice, Structure
 
 from xtalsolve.crystal.batch import CrystalBatch
-from xtalsolve.pattern import Pattern
-from xtalsolve.physics.powder import Instrument, make_grid, simulate_powder
 from xtalsolve.polish import PolishSettings, polish
 from xtalsolve.solve import pattern_loss
+
+from prototypes import lab_pattern
 
 
 @pytest.fixture(scope="module")
 def rutile():
     truth = Structure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.594, 2.959), ["Ti", "O"],
                                       [[0, 0, 0], [0.3048, 0.3048, 0]])
-    two_theta = (15.0, 80.0, 0.03)
-    grid, unit = make_grid(two_theta)
-    y = simulate_powder([truth], instrument=Instrument(wavelength=1.5406), two_theta=two_theta, size=100.0,
-                        biso=0.5)[0]
-    y = 1e4 * y / y.max() + 30.0
-    return truth, Pattern(grid, y, np.sqrt(y), unit, 1.5406, "rutile-simulated")
+    return truth, lab_pattern(truth, (15.0, 80.0, 0.03), 100.0, "rutile-simulated")
 
 
 def test_polish_recovers_a_strained_displaced_candidate_and_ranks_it_first(rutile):
@@ -69,12 +64,7 @@ def test_a_cell_placed_by_the_prescan_stays_in_the_narrow_minimum_of_a_sharp_pat
     (as it was with Adam steps of 1 % in strain: MnS, a fitted 7 % off)."""
     truth = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.24), ["Mn", "S"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     truth = truth.get_primitive_structure()
-    two_theta = (10.0, 80.0, 0.02)
-    grid, unit = make_grid(two_theta)
-    y = simulate_powder([truth], instrument=Instrument(wavelength=1.5406), two_theta=two_theta, size=800.0,
-                        biso=0.5)[0]
-    y = 1e4 * y / y.max() + 30.0
-    pattern = Pattern(grid, y, np.sqrt(y), unit, 1.5406, "MnS-simulated")
+    pattern = lab_pattern(truth, (10.0, 80.0, 0.02), 800.0, "MnS-simulated")
     start = truth.copy()
     start.scale_lattice(truth.volume * (1 + offset) ** 3)
     (fitted,), _ = polish([start], pattern_loss(pattern))

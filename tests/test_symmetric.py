@@ -14,11 +14,11 @@ from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 from xtalsolve.composition import predicted_volume
 from xtalsolve.crystal.batch import CrystalBatch
 from xtalsolve.errors import XtalsolveError
-from xtalsolve.pattern import Pattern
-from xtalsolve.physics.powder import Instrument, make_grid, simulate_powder
 from xtalsolve.polish import PolishSettings, SymmetryProjectors, _symmetric, free_parameters, polish, polish_batch
 from xtalsolve.solve import mixed_generator, parsimonious, pattern_loss
 from xtalsolve.symmetric import centring, random_symmetric_structures, space_group_weights
+
+from prototypes import lab_pattern
 
 
 def rutile() -> Structure:
@@ -84,12 +84,7 @@ def test_symmetry_projectors_keep_the_space_group_and_count_free_parameters():
 
 def test_polish_keeps_a_symmetric_candidate_in_its_group_and_finds_the_cell():
     truth = rutile()
-    two_theta = (15.0, 80.0, 0.03)
-    grid, unit = make_grid(two_theta)
-    y = simulate_powder([truth], instrument=Instrument(wavelength=1.5406), two_theta=two_theta, size=100.0,
-                        biso=0.5)[0]
-    y = 1e4 * y / y.max() + 30.0
-    pattern = Pattern(grid, y, np.sqrt(y), unit, 1.5406, "rutile-simulated")
+    pattern = lab_pattern(truth, (15.0, 80.0, 0.03), 100.0, "rutile-simulated")
     start = Structure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.70, 2.90), ["Ti", "O"],
                                       [[0, 0, 0], [0.29, 0.29, 0]])
     loss = pattern_loss(pattern, 100.0)

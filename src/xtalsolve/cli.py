@@ -558,13 +558,10 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
     torch.set_num_threads(1)  # small batches: one thread is as fast and leaves the other cores free
     generate = make_generator(generator, checkpoint, data, steps, guided, size_hint_A=size_hint)
     console = Console(stderr=True)
-    from xtalsolve.physics.powder import CRYSTALLITE_SHAPES
+    from xtalsolve.physics.powder import check_shape
 
-    if shape not in CRYSTALLITE_SHAPES:
-        raise XtalsolveError(f"unknown crystallite shape {shape!r}; choose from {', '.join(CRYSTALLITE_SHAPES)}",
-                             "--crystallite-shape")
     settings = SolveSettings(samples=samples, seed=seed, natoms=natoms, size_hint_A=size_hint, rank_by=rank_by,
-                             crystallite_shape=shape)
+                             crystallite_shape=check_shape(shape))
     ranking_basis(settings, 0.0)  # an unknown --rank-by fails here, before any work
     summary = run_solve(data, formula, generate, out, settings, progress=lambda m: console.log(m))
     best = summary["candidates"][0]

@@ -302,6 +302,14 @@ also stands in for a spread of sizes) or the exact profile of one crystallite sh
 diameter D, "cube" of edge D (the Laue interference function D sinc^2(D dQ / 2) of reflections along an edge)."""
 
 
+def check_shape(shape: str) -> str:
+    """``shape`` if it is one of :data:`CRYSTALLITE_SHAPES`, else a clear error."""
+    if shape not in CRYSTALLITE_SHAPES:
+        raise XtalsolveError(f"unknown crystallite shape {shape!r}; choose from {', '.join(CRYSTALLITE_SHAPES)}",
+                             "--crystallite-shape")
+    return shape
+
+
 def size_transfer(length: torch.Tensor, size, shape: str) -> torch.Tensor:
     """Fourier coefficients A(L) of the size-broadening profile of crystallites of ``size`` (angstrom; scalar or
     (B,)) at column lengths ``length`` (angstrom, (K,)): the common-volume function of the crystallite and its
@@ -312,9 +320,9 @@ def size_transfer(length: torch.Tensor, size, shape: str) -> torch.Tensor:
     t = (length.abs().unsqueeze(0) / size).clamp(max=1.0)
     if shape == "sphere":
         return 1.0 - 1.5 * t + 0.5 * t**3
-    if shape == "cube":
+    if check_shape(shape) == "cube":
         return 1.0 - t
-    raise XtalsolveError(f"unknown crystallite shape {shape!r}; choose from {', '.join(CRYSTALLITE_SHAPES)}")
+    raise XtalsolveError("the Lorentzian has no finite-crystallite transfer function", "--crystallite-shape")
 
 
 def render_binned(
@@ -416,9 +424,7 @@ def powder_pattern(
         intensity = intensity * march_dollase(batch.lattice, reflections.hkl.to(batch.lattice.device), axis_hkl, ratio)
     if merge:
         theta, intensity = merge_coincident_peaks(theta, intensity)
-    shaped = shape != "lorentzian" and size is not None
-    if shape not in CRYSTALLITE_SHAPES:
-        raise XtalsolveError(f"unknown crystallite shape {shape!r}; choose from {', '.join(CRYSTALLITE_SHAPES)}")
+    shaped = check_shape(shape) != "lorentzian" and size is not None
     if shaped and not (binned and unit == "q"):
         raise XtalsolveError(f"the {shape} size profile is rendered on a uniform Q grid only (binned)")
     fwhm, eta = peak_shape(theta, wavelength, instrument, None if shaped else size, strain, **(profile or {}))
@@ -499,9 +505,7 @@ def simulate_powder(
     grid = torch.as_tensor(grid_np, dtype=dtype)
     out = np.empty((len(structures), len(grid_np)))
     order = np.argsort([s.volume for s in structures], kind="stable")
-    if shape not in CRYSTALLITE_SHAPES:
-        raise XtalsolveError(f"unknown crystallite shape {shape!r}; choose from {', '.join(CRYSTALLITE_SHAPES)}",
-                             "--crystallite-shape")
+    check_shape(shape)
     settings = dict(size=size, strain=strain, biso=biso, form_factors=form_factors, merge=True, shape=shape)
     exact_shape = shape != "lorentzian" and size is not None  # rendered on a uniform Q grid (render_binned)
     broad = exact_shape or _is_broad(grid_np, unit, instrument.wavelength, size)
