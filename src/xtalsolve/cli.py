@@ -333,6 +333,9 @@ def simulate(
                        "crystallite_size_A": "infinite" if size is None else size}
             if size is not None:
                 header["crystallite_shape"] = shape
+                if shape != "lorentzian":
+                    header["model"] = (f"Bragg, exact {shape} size profile convolved with the instrument's "
+                                       f"pseudo-Voigt (Caglioti W = 0.0025 deg^2)")
     out.mkdir(parents=True, exist_ok=True)
     for path, crystal, y in zip(structures, crystals, signals):
         sigma = np.ones_like(y) if unit == "r" else np.sqrt(np.maximum(y, 0.0))
