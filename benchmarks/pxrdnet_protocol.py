@@ -70,6 +70,9 @@ def readable(path: Path):
 
 
 def main() -> None:
+    from xtalsolve.physics.powder import CRYSTALLITE_SHAPES
+    from xtalsolve.solve import RANK_BY
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--n", type=int, default=200)
@@ -81,11 +84,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix of the results files (separate runs)")
-    parser.add_argument("--crystallite-shape", default="cube", choices=("lorentzian", "sphere", "cube"),
+    parser.add_argument("--crystallite-shape", default="cube", choices=CRYSTALLITE_SHAPES,
                         help="size-broadening model of the solver's screening fit; default cube: the patterns "
                              "are made with D sinc^2(D Q / 2), the Laue function of a cube edge, and the "
                              "protocol states it as a user states the instrument's profile")
-    parser.add_argument("--rank-by", default="auto", choices=("auto", "rwp", "fit"))
+    parser.add_argument("--rank-by", default="auto", choices=RANK_BY)
     parser.add_argument("--set", choices=("pxrdnet", "mp20", "mp20_val"), default="pxrdnet",
                         help="pxrdnet: the first --n benchmark ids; mp20: a random --n of mp20_test, seeded by "
                              "--seed (the MP-20 protocol; use --candidates 20 for @20), results mp20_protocol*; "

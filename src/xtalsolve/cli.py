@@ -549,7 +549,7 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
     import torch
     from rich.console import Console
 
-    from xtalsolve.solve import SolveSettings, make_generator, ranking_basis, shipped_checkpoint
+    from xtalsolve.solve import SolveSettings, make_generator, shipped_checkpoint
     from xtalsolve.solve import solve as run_solve
 
     if samples < 1:
@@ -558,14 +558,11 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
     if generator in ("diffusion", "both") and not checkpoint.is_file():  # the model is needed
         raise XtalsolveError("no such checkpoint (train one with `xtalsolve train --config configs/small_cpu.json`)",
                              checkpoint)
+    settings = SolveSettings(samples=samples, seed=seed, natoms=natoms, size_hint_A=size_hint, rank_by=rank_by,
+                             crystallite_shape=shape)  # an unknown --rank-by or shape fails here, before any work
     torch.set_num_threads(1)  # small batches: one thread is as fast and leaves the other cores free
     generate = make_generator(generator, checkpoint, data, steps, guided, size_hint_A=size_hint)
     console = Console(stderr=True)
-    from xtalsolve.physics.powder import check_shape
-
-    settings = SolveSettings(samples=samples, seed=seed, natoms=natoms, size_hint_A=size_hint, rank_by=rank_by,
-                             crystallite_shape=check_shape(shape))
-    ranking_basis(settings, 0.0)  # an unknown --rank-by fails here, before any work
     summary = run_solve(data, formula, generate, out, settings, progress=lambda m: console.log(m))
     best = summary["candidates"][0]
     typer.echo(f"{out}: rank 1 {best['cif']} Rwp {best['rwp']:.2%} {best['space_group']} "

@@ -206,8 +206,7 @@ def prototype_structures(cell: Composition, n: int, skip: int = 0, volume_A3: fl
     scaled to ``volume_A3`` (angstrom^3; default the composition prior of the cell). An assignment that gives the
     same crystal as a better-ranked one of the same type (rock salt with Na and Cl swapped is rock salt shifted by
     half a cell; a second representative of a cubic type) is skipped (pymatgen StructureMatcher). Each carries
-    its place in that list as ``properties["prior_rank"]`` (0 = likeliest) and its ``properties["log_prior"]``,
-    which the solver's ranking uses."""
+    its place in that list as ``properties["prior_rank"]`` (0 = likeliest), which the solver's ranking uses."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
     volume = predicted_volume(cell) if volume_A3 is None else float(volume_A3)
@@ -223,7 +222,6 @@ def prototype_structures(cell: Composition, n: int, skip: int = 0, volume_A3: fl
             continue
         same_type.append(structure)
         structure.properties["prior_rank"] = len(out)
-        structure.properties["log_prior"] = substitution.log_prior
         out.append(structure)
     return out[skip:]
 

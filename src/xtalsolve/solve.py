@@ -30,6 +30,10 @@ Generator = Callable[..., Sequence[Structure]]
 is how many this run has already drawn for that cell (a generator with a ranked list goes on from there)."""
 
 
+RANK_BY = ("auto", "rwp", "fit")
+"""Orders of the refined candidates (:class:`SolveSettings` ``rank_by``)."""
+
+
 @dataclass(frozen=True)
 class SolveSettings:
     """How hard to search: candidates in all, formula-unit trials tried, refinement effort. Every candidate is
@@ -82,6 +86,13 @@ class SolveSettings:
     rank_by: str = "auto"
     rwp_ranking_observations: float = 40.0
     crystallite_shape: str = "lorentzian"
+
+    def __post_init__(self):
+        from xtalsolve.physics.powder import check_shape
+
+        if self.rank_by not in RANK_BY:
+            raise XtalsolveError(f"unknown ranking {self.rank_by!r}; choose from {', '.join(RANK_BY)}", "--rank-by")
+        check_shape(self.crystallite_shape)
 
 
 def shipped_checkpoint() -> Path:
@@ -291,9 +302,6 @@ def parsimonious(misfit: float, free_parameters: int, price: float) -> float:
     return misfit * (1.0 + price * free_parameters)
 
 
-RANK_BY = ("auto", "rwp", "fit")
-
-
 def independent_observations(q_min: float, q_max: float, size_A: float) -> float:
     """Shannon's number of independent observations in a powder pattern measured from ``q_min`` to ``q_max``
     (1/angstrom) on crystallites of ``size_A`` angstrom: the pattern is the Fourier transform of pair
@@ -305,8 +313,6 @@ def independent_observations(q_min: float, q_max: float, size_A: float) -> float
 
 def ranking_basis(settings: SolveSettings, observations: float) -> str:
     """"rwp" or "fit": what orders the refined candidates (see :class:`SolveSettings`)."""
-    if settings.rank_by not in RANK_BY:
-        raise XtalsolveError(f"unknown ranking {settings.rank_by!r}; choose from {', '.join(RANK_BY)}", "--rank-by")
     if settings.rank_by != "auto":
         return settings.rank_by
     return "rwp" if observations >= settings.rwp_ranking_observations else "fit"

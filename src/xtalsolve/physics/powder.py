@@ -310,6 +310,11 @@ def check_shape(shape: str) -> str:
     return shape
 
 
+def _exact_profile(shape: str, size) -> bool:
+    """Whether size broadening is rendered as the exact profile of ``shape`` (not the Lorentzian); checks it."""
+    return check_shape(shape) != "lorentzian" and size is not None
+
+
 def size_transfer(length: torch.Tensor, size, shape: str) -> torch.Tensor:
     """Fourier coefficients A(L) of the size-broadening profile of crystallites of ``size`` (angstrom; scalar or
     (B,)) at column lengths ``length`` (angstrom, (K,)): the common-volume function of the crystallite and its
@@ -348,7 +353,7 @@ def render_binned(
     weight = areas / areas.sum(1, keepdim=True).clamp(min=1e-30)
     width = (weight * fwhm).sum(1, keepdim=True)
     mix = (weight * eta).sum(1, keepdim=True)
-    shaped = shape != "lorentzian" and size is not None
+    shaped = _exact_profile(shape, size)
     if shaped:  # the remaining (instrument) peak may be narrower than a fine bin: keep it sampled, unit area
         width = width.clamp(min=2.0 * step)
     pad = n_points * oversample  # zero padding as long as the grid: no wrap-around of tails inside it
@@ -424,16 +429,13 @@ def powder_pattern(
         intensity = intensity * march_dollase(batch.lattice, reflections.hkl.to(batch.lattice.device), axis_hkl, ratio)
     if merge:
         theta, intensity = merge_coincident_peaks(theta, intensity)
-    shaped = check_shape(shape) != "lorentzian" and size is not None
+    shaped = _exact_profile(shape, size)
     if shaped and not (binned and unit == "q"):
         raise XtalsolveError(f"the {shape} size profile is rendered on a uniform Q grid only (binned)")
     fwhm, eta = peak_shape(theta, wavelength, instrument, None if shaped else size, strain, **(profile or {}))
     zero = instrument.zero_shift if zero_shift is None else zero_shift
     two_theta = torch.rad2deg(2.0 * theta) + _per_structure(zero, len(batch), theta)
-    if binned:
-        render = partial(render_binned, size=size, shape=shape) if shaped else render_binned
-    else:
-        render = partial(render_peaks, n_fwhm=n_fwhm)
+    render = partial(render_binned, size=size, shape=shape) if binned else partial(render_peaks, n_fwhm=n_fwhm)
     if unit == "2theta":
         return render(grid, two_theta, intensity, fwhm, eta)
     if unit == "q":
@@ -505,10 +507,9 @@ def simulate_powder(
     grid = torch.as_tensor(grid_np, dtype=dtype)
     out = np.empty((len(structures), len(grid_np)))
     order = np.argsort([s.volume for s in structures], kind="stable")
-    check_shape(shape)
     settings = dict(size=size, strain=strain, biso=biso, form_factors=form_factors, merge=True, shape=shape)
-    exact_shape = shape != "lorentzian" and size is not None  # rendered on a uniform Q grid (render_binned)
-    broad = exact_shape or _is_broad(grid_np, unit, instrument.wavelength, size)
+    # an exact shape profile is rendered on a uniform Q grid (render_binned)
+    broad = _exact_profile(shape, size) or _is_broad(grid_np, unit, instrument.wavelength, size)
     render = _size_broadened_via_q if broad else powder_pattern
     with torch.no_grad():
         for start in range(0, len(structures), chunk_size):
