@@ -14,8 +14,10 @@ were made with (--crystallite-shape cube, the Laue function of a cube edge; lore
 for measured data) as a user tells it the instrument; Rietveld refinement always uses the Lorentzian. Arms: the diffusion model unconditioned (prior),
 conditioned on the pattern, conditioned and guided by it; random symmetric crystals alone (symmetric: no model);
 half guided diffusion, half symmetric (guided+symmetric); structure types of the training pool with the elements
-substituted, then symmetric crystals (prototype, the default of `xtalsolve solve`; the library holds no benchmark
-id nor any listed duplicate, and for --set mp20 comes from mp20_train alone). Each arm draws --candidates structures, refines
+substituted, then symmetric crystals (prototype, the default of `xtalsolve solve`). The prototype library follows
+the protocol (--library): for --set pxrdnet the "extended" one, the types of the PXRDnet protocol's training pool
+(no benchmark id nor any listed duplicate); for --set mp20 and mp20_val the "mp20" one, from mp20_train alone
+(the extended library holds mp20_val and most of mp20_test and is refused there). Each arm draws --candidates structures, refines
 them against the pattern and ranks by Rwp priced for free parameters; match @1 / @k at both tolerance sets, RMSE, seconds per material.
 Writes benchmarks/results/pxrdnet_protocol.json (resumable: finished materials are kept in a .jsonl beside it).
 """
@@ -71,6 +73,7 @@ def readable(path: Path):
 
 def main() -> None:
     from xtalsolve.physics.powder import CRYSTALLITE_SHAPES
+    from xtalsolve.prototypes import LIBRARIES
     from xtalsolve.solve import RANK_BY
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -89,11 +92,16 @@ def main() -> None:
                              "are made with D sinc^2(D Q / 2), the Laue function of a cube edge, and the "
                              "protocol states it as a user states the instrument's profile")
     parser.add_argument("--rank-by", default="auto", choices=RANK_BY)
+    parser.add_argument("--library", choices=tuple(LIBRARIES), default=None,
+                        help="prototype library (default: the protocol's, extended for pxrdnet, mp20 otherwise)")
     parser.add_argument("--set", choices=("pxrdnet", "mp20", "mp20_val"), default="pxrdnet",
                         help="pxrdnet: the first --n benchmark ids; mp20: a random --n of mp20_test, seeded by "
                              "--seed (the MP-20 protocol; use --candidates 20 for @20), results mp20_protocol*; "
                              "mp20_val: the same from mp20_val, for tuning (results mp20_val_protocol*)")
     args = parser.parse_args()
+    args.library = args.library or ("extended" if args.set == "pxrdnet" else "mp20")
+    if args.set != "pxrdnet" and args.library != "mp20":
+        parser.error(f"--set {args.set} must use --library mp20 (the {args.library} library holds its answers)")
     warnings.filterwarnings("ignore")
 
     from pymatgen.core import Structure
@@ -133,7 +141,7 @@ def main() -> None:
                 if arm == "symmetric":
                     generate = symmetric_generator()
                 elif arm == "prototype":
-                    generate = prototype_generator()
+                    generate = prototype_generator(library_name=args.library)
                 else:
                     generate = diffusion_generator(args.checkpoint, pattern, args.steps, guided="guided" in arm,
                                                    cfg_scale=0.0 if arm == "prior" else 1.0, size_hint_A=size)
@@ -176,7 +184,7 @@ def main() -> None:
         table[f"D={size:g}A/{arm}"] = entry
     (RESULTS / f"{results_name}{args.tag}.json").write_text(json.dumps(
         {"set": args.set, "checkpoint": str(args.checkpoint), "samples": args.samples, "candidates": args.candidates,
-         "steps": args.steps, "crystallite_shape": args.crystallite_shape, "rank_by": args.rank_by, "table": table},
+         "steps": args.steps, "crystallite_shape": args.crystallite_shape, "rank_by": args.rank_by, "library": args.library, "table": table},
         indent=2))
     for key, entry in table.items():
         print(key, entry)

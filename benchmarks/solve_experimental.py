@@ -13,9 +13,11 @@ five of them (xred_MnS, xred_Tibcc, xred_ZnS, xred_Zr, xred_CdS), so for that ge
 independent tests. With --generator prototype, --leave-out-compound drops each case's own compound from the
 prototype library (as a representative cell and as a member to compare chemistry with): these are known
 compounds, often in the training pool, and without it the benchmark measures look-up as much as solving.
+--library picks the prototype library (default extended, as the CLI; runs before session 8 used mp20).
 
     nice python benchmarks/solve_experimental.py [--cases id1,id2] [--samples 32] [--seed 0]
-        [--generator prototype|symmetric|diffusion|both] [--leave-out-compound] [--tag _name]
+        [--generator prototype|symmetric|diffusion|both] [--leave-out-compound] [--library extended|mp20]
+        [--tag _name]
 
 Cases run smallest primitive cell first. Resumable: finished cases are kept in benchmarks/results/solve_experimental.jsonl (runs in
 benchmarks/results/solve_experimental_runs/); the table goes to benchmarks/results/solve_experimental.json.
@@ -59,7 +61,7 @@ def main() -> None:
     from pymatgen.core import Structure
 
     from xtalsolve.io import read_pattern
-    from xtalsolve.prototypes import prototype_generator
+    from xtalsolve.prototypes import LIBRARIES, prototype_generator
     from xtalsolve.solve import GENERATORS, SolveSettings, make_generator, shipped_checkpoint, solve
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,6 +75,8 @@ def main() -> None:
                         help="distinct candidates refined fully")
     parser.add_argument("--leave-out-compound", action="store_true",
                         help="prototype generator: without the case's own compound in the library")
+    parser.add_argument("--library", choices=tuple(LIBRARIES), default="extended",
+                        help="prototype library (xtalsolve solve --library)")
     parser.add_argument("--tag", default="", help="suffix of the result files and run folder")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -106,7 +110,7 @@ def main() -> None:
             out = RESULTS / f"solve_experimental_runs{args.tag}" / row.case_id
             start = time.perf_counter()
             if args.generator == "prototype":
-                generate = prototype_generator(leave_out_compound=args.leave_out_compound)
+                generate = prototype_generator(leave_out_compound=args.leave_out_compound, library_name=args.library)
             else:
                 generate = make_generator(args.generator, shipped_checkpoint(), pattern, args.steps, guided=True)
             try:
@@ -135,6 +139,7 @@ def main() -> None:
     table = {
         "samples": args.samples, "steps": args.steps, "seed": args.seed, "generator": args.generator, "refine_top": args.refine_top,
         "leave_out_compound": args.leave_out_compound,
+        "library": args.library if args.generator == "prototype" else None,
         "checkpoint": None if args.generator in ("symmetric", "prototype") else "small_cpu_mp20.pt (shipped)",
         "cases": list(done.values()),
         "in_scope": int(sum(n <= MAX_ATOMS for n in sizes.values())),

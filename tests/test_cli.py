@@ -53,6 +53,7 @@ def test_simulate_writes_xy_with_peaks_where_pymatgen_puts_them(tmp_path, rocksa
         (["simulate", "{cif}", "--size", "30", "--crystallite-shape", "prism", "-o", "x"], "unknown crystallite shape"),
         (["solve", "{xy}", "--formula", "NaCl", "--crystallite-shape", "prism", "--out", "x"], "--crystallite-shape"),
         (["solve", "{xy}", "--formula", "NaCl", "--rank-by", "chi2", "--out", "x"], "unknown ranking"),
+        (["solve", "{xy}", "--formula", "NaCl", "--library", "icsd", "--out", "x"], "unknown prototype library"),
     ],
 )
 def test_simulate_bad_input_gives_one_line(tmp_path, rocksalt, args, message):

@@ -14,7 +14,7 @@ from xtalsolve.local.clusters import Cluster, FirstShell, first_shell
 from xtalsolve.local.dataset import absorber_sites, iter_clusters, material_split
 from xtalsolve.local.library import SpectrumLibrary
 from xtalsolve.local.metrics import score
-from xtalsolve.local.predict import consensus
+from xtalsolve.local.predict import DATA_DIR, consensus, site_mixture
 
 DATA = Path(__file__).parent / "data" / "spectra"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -71,6 +71,29 @@ def test_min_cn_keeps_six_fold_sites(tmp_path):
     cls = list(iter_clusters("Si", sources=("zeolites",), n_perturbed=4, data_dir=tmp_path, min_cn=5))
     assert [first_shell(c).coordination_number for c in cls] == [6, 6, 6, 6, 5]
     assert {c.meta["material_key"] for c in cls} == {"SiO2|136"}
+    tetrahedral = list(iter_clusters("Si", sources=("zeolites",), n_perturbed=0, data_dir=tmp_path, max_cn=4))
+    assert [first_shell(c).coordination_number for c in tetrahedral] == [4]  # quartz's one Si orbit only
+    assert tetrahedral[0].meta["material_key"] != "SiO2|136"
+
+
+def test_linear_combination_fit_recovers_a_two_site_mixture():
+    """A 1:2 mixture of a four-fold and a six-fold Si K spectrum (as magnetite mixes tetrahedral and octahedral
+    Fe): with both materials in the library the fit is exact; with both left out, other materials' templates
+    still give the site fractions to within 0.1."""
+    lib = SpectrumLibrary.load(DATA_DIR / "library_Si_K.npz")
+    cn = np.array([first_shell(lib.cluster(i, "Si")).coordination_number for i in range(len(lib))])
+    four, six = np.flatnonzero(cn == 4)[0], np.flatnonzero(cn == 6)[0]
+    mixed = lib.features[four] / 3 + 2 * lib.features[six] / 3
+    exact = site_mixture(TemplateMatcher(lib), mixed, "Si")
+    assert exact["coordination_number_fractions"] == {"4": 0.333, "6": 0.667} and exact["residual"] < 1e-4
+    left_out = {lib.meta[four]["material_key"], lib.meta[six]["material_key"]}
+    others = lib.subset([i for i in range(len(lib)) if lib.meta[i]["material_key"] not in left_out])
+    fit = site_mixture(TemplateMatcher(others), mixed, "Si")
+    fractions = {int(k): v for k, v in fit["coordination_number_fractions"].items()}
+    assert abs(fractions.get(4, 0) - 1 / 3) < 0.1 and abs(fractions.get(6, 0) - 2 / 3) < 0.1
+    assert abs(fit["weight_sum"] - 1) < 0.02 and fit["residual"] > 0
+    assert all(c["material_id"] not in {lib.meta[four]["material_id"], lib.meta[six]["material_id"]}
+               for c in fit["components"])
 
 
 def test_library_roundtrip_and_template_self_match(tmp_path):

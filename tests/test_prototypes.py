@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+
 import numpy as np
+import pandas as pd
+import pytest
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Lattice, Structure
 
 from xtalsolve.composition import predicted_volume
 from xtalsolve.pattern import Pattern
 from xtalsolve.physics.powder import Instrument, make_grid, simulate_powder
+from xtalsolve.errors import XtalsolveError
 from xtalsolve.prototypes import (
+    check_library,
     library,
     prototype_generator,
     prototype_structures,
@@ -33,11 +40,12 @@ def test_structure_type_anonymises_elements_and_orders_roles():
     assert signature(Composition("Ba2Ti2O6")) == (10, (2, 2, 6))
 
 
-def test_every_library_type_is_what_its_representatives_are():
+@pytest.mark.parametrize("name, n_types, n_crystals", [("mp20", 4000, 20000), ("extended", 12000, 40000)])
+def test_every_library_type_is_what_its_representatives_are(name, n_types, n_crystals):
     """Rebuild representatives of a spread of types and find their type again with spglib."""
-    types = [p for protos in library().values() for p in protos]
-    assert len(types) > 4000 and sum(p.count for p in types) > 20000
-    for proto in types[::97]:
+    types = [p for protos in library(name).values() for p in protos]
+    assert len(types) > n_types and sum(p.count for p in types) > n_crystals
+    for proto in types[:: len(types) // 40]:
         for rep in proto.representatives:
             cell = Structure(Lattice(rep["lattice"]), [rep["elements"][r] for r in rep["roles"]], rep["frac"])
             group, roles, elements = structure_type(cell)
@@ -49,11 +57,67 @@ def test_every_library_type_is_what_its_representatives_are():
             assert len(cell) == proto.n_atoms
 
 
+def test_libraries_hold_no_crystal_of_the_benchmarks_they_are_used_for(shared_data):
+    """The extended library (PXRDnet protocol) has no benchmark id or listed duplicate among its representative
+    cells; the mp20 library (both protocols) none of mp20_val or mp20_test either."""
+    benchmarks = shared_data / "benchmarks"
+    pxrdnet = set((benchmarks / "pxrdnet_test_ids.txt").read_text().split())
+    pxrdnet |= set(pd.read_csv(benchmarks / "pxrdnet_test_duplicates.csv", dtype=str)["material_id"])
+    mp20_held_out = set()
+    for name in ("mp20_val", "mp20_test"):
+        mp20_held_out |= set(pd.read_csv(shared_data / "structures" / f"{name}.csv.gz", usecols=["material_id"],
+                                         dtype=str)["material_id"])
+    for name, forbidden in (("extended", pxrdnet), ("mp20", pxrdnet | mp20_held_out)):
+        ids = [rep["id"] for protos in library(name).values() for p in protos for rep in p.representatives]
+        assert len(ids) > 5000 and not set(ids) & forbidden, name
+
+
+def test_the_extended_library_knows_types_the_mp20_one_lacks():
+    """More training crystals, more types: AsPd5 (PXRDnet benchmark material 12, C2/m, 12 atoms in its cell)
+    has no crystal of its type in mp20_train, but has in the PXRDnet protocol's pool."""
+    assert len([p for ps in library("extended").values() for p in ps]) > \
+        1.5 * len([p for ps in library("mp20").values() for p in ps])
+    as_pd5 = (12, ((2, "i"), (10, "hiij")))
+    types = {name: {(p.space_group, p.roles) for p in library(name)[signature(Composition("As2Pd10"))]}
+             for name in ("mp20", "extended")}
+    assert as_pd5 in types["extended"] and as_pd5 not in types["mp20"]
+    assert any((s.prototype.space_group, s.prototype.roles) == as_pd5
+               for s in ranked_substitutions(Composition("As2Pd10"), library_name="extended"))
+    # tiers: the extended library lists the mp20 library's candidates first, in the same order, then its own
+    for formula in ("As2Pd10", "Li2V2F12", "NaCl"):
+        core = ranked_substitutions(Composition(formula), library_name="mp20")
+        both = ranked_substitutions(Composition(formula), library_name="extended")
+        assert both[: len(core)] == core and len(both) > len(core)
+        assert all(s.prototype.tier == 1 for s in both[len(core):])
+
+
+def test_unknown_or_broken_library_is_refused_in_one_line(tmp_path):
+    with pytest.raises(XtalsolveError, match="unknown prototype library 'nope'"):
+        check_library("nope")
+    broken = tmp_path / "broken.json.gz"
+    broken.write_bytes(b"not gzip")
+    with pytest.raises(XtalsolveError, match="not a prototype library"):
+        library(str(broken))
+
+
+def test_a_library_file_of_ones_own_is_used(tmp_path):
+    """A library written as tools/build_prototype_library.py writes it: one CsCl type from one crystal."""
+    own = tmp_path / "own.json.gz"
+    entry = {"space_group": 221, "roles": [[1, "a"], [1, "b"]], "n_atoms": 2, "count": 1, "members": [["Cs", "Cl"]],
+             "representatives": [{"lattice": np.diag([4.12] * 3).tolist(), "frac": [[0, 0, 0], [0.5, 0.5, 0.5]],
+                                  "roles": [0, 1], "elements": ["Cs", "Cl"], "id": "my-1"}]}
+    with gzip.open(own, "wt") as handle:
+        json.dump({"source": "test", "n_structures": 1, "types": [entry]}, handle)
+    drawn = prototype_generator(library_name=str(own))(Composition("TlBr"), 1, seed=0)
+    assert StructureMatcher().fit(drawn[0], Structure(Lattice.cubic(4.0), ["Tl", "Br"], [[0, 0, 0], [0.5] * 3]))
+    assert "221" in drawn[0].properties["origin"] and "CsCl my-1" in drawn[0].properties["origin"]
+
+
 def test_ranked_substitutions_hold_the_composition_and_skip_equivalent_assignments():
     cell = Composition("NaCl")
     ranked = ranked_substitutions(cell)
     assert ranked[0].prototype.space_group == 225 and ranked[0].elements == ("Na", "Cl")
-    assert all(a.log_prior >= b.log_prior for a, b in zip(ranked, ranked[1:]))
+    assert all((a.prototype.tier, -a.log_prior) <= (b.prototype.tier, -b.log_prior) for a, b in zip(ranked, ranked[1:]))
     structures = prototype_structures(cell, 12)
     assert all(s.composition == cell for s in structures)
     assert all(abs(s.volume - predicted_volume(cell)) < 1e-6 for s in structures)
@@ -77,11 +141,17 @@ def test_leave_out_compound_drops_the_compound_itself():
 
 def test_generator_fills_from_the_fallback_once_the_library_runs_out():
     cell = Composition("K3GdF6")
-    available = len(prototype_structures(cell, 1000))
+    available = len(prototype_structures(cell, 1000, library_name="mp20"))
     assert 0 < available < 100
-    fill = lambda c, n, seed, skip=0: [Structure(Lattice.cubic(9.0), ["K"], [[0, 0, 0]]) for _ in range(n)]  # noqa: E731
-    drawn = prototype_generator(fill=fill)(cell, 5, 0, skip=available - 2)
+    fill = lambda c, n, seed, skip=0: [Structure(Lattice.cubic(9.0), ["K"], [[0, 0, 0]])  # noqa: E731
+                                       for _ in range(n)]
+    drawn = prototype_generator(fill=fill, library_name="mp20")(cell, 5, 0, skip=available - 2)
     assert [s.composition == cell for s in drawn] == [True, True, False, False, False]
+    # the fill is told how many of its own were drawn before (a second round of Z trials goes on down its list)
+    skips = []
+    prototype_generator(fill=lambda c, n, seed, skip=0: skips.append(skip) or fill(c, n, seed),
+                        library_name="mp20")(cell, 4, 0, skip=available + 3)
+    assert skips == [3]
     # the prior's order goes on through the fill: the solver prices it
     assert [s.properties["prior_rank"] for s in drawn] == list(range(available - 2, available + 3))
 
@@ -109,4 +179,6 @@ def test_solve_finds_rutile_by_substitution(tmp_path):
     summary = solve(pattern, "SnO2", prototype_generator(leave_out_compound=True), tmp_path, settings)
     best = summary["candidates"][0]
     assert best["rwp"] < 0.15
+    assert best["origin"].startswith("prototype: space group 136 type of ")  # rutile, from another compound
+    assert "SnO2" not in best["origin"]
     assert StructureMatcher().fit(Structure.from_file(tmp_path / best["cif"]), truth)

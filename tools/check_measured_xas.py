@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--cache", default=str(ROOT / "cache" / "spectra_fe_k"))
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--keep-same-formula", action="store_true")
+    p.add_argument("--broaden", type=float, default=0.0, help="Gaussian FWHM (eV) applied to the templates")
     a = p.parse_args()
     lib = build_library(a.cache, "Fe")
     if not a.keep_same_formula:
@@ -38,11 +39,14 @@ def main() -> None:
         lib.save(path)
         for name, expected in EXPECTED.items():
             spec = read_spectrum(XAS / name, "Fe", "K")
-            pred = predict_local(spec, "Fe", "K", a.samples, "O", library=path, method="template")
+            pred = predict_local(spec, "Fe", "K", a.samples, "O", library=path, method="template",
+                                 broaden_eV=a.broaden)
             s = pred.summary
             print(json.dumps({"file": name, "expected_cn": expected, "predicted_cn": s["coordination_number"],
                               "cn_counts": s["spread"]["coordination_number_counts"],
                               "mean_fe_o_A": s["mean_bond_length_A"], "library_size": len(lib),
+                              "lcf_cn_fractions": s["mixture"]["coordination_number_fractions"],
+                              "lcf_components": s["mixture"]["components"], "lcf_residual": s["mixture"]["residual"],
                               "templates": [c.meta.get("formula") for c in pred.clusters]}))
 
 

@@ -101,13 +101,16 @@ def spectra_generate(
     max_z: Annotated[Optional[int], typer.Option("--max-z", help="Skip crystals with heavier elements.")] = None,
     min_cn: Annotated[int, typer.Option("--min-cn", help="Only sites with at least this many first-shell ligands "
                                                          "(5: five- and six-fold Si).")] = 0,
+    max_cn: Annotated[Optional[int], typer.Option("--max-cn", help="Only sites with at most this many first-shell "
+                                                                   "ligands (4: tetrahedral Fe).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (for logs).")] = False,
 ):
     """Compute FEFF10 XANES of absorber-centred clusters (cached by input hash, resumable)."""
     from xtalsolve.local.dataset import check_absorber, generate
 
     result = generate(out, check_absorber(absorber), check_absorber(ligand), tuple(sources.split(",")), limit,
-                      workers, perturbed, seed, max_z=max_z, progress=not no_progress, min_cn=min_cn)
+                      workers, perturbed, seed, max_z=max_z, progress=not no_progress, min_cn=min_cn,
+                      max_cn=max_cn)
     typer.echo(json.dumps(result))
 
 
@@ -146,7 +149,16 @@ def local(
     write_outputs(pred, spec, out)
     s = pred.summary
     typer.echo(f"{out}: CN {s['coordination_number']} ({s['spread']['coordination_number_agreement']:.0%} of "
-               f"{s['samples']} samples), mean {absorber}-{ligand} {s['mean_bond_length_A']} A [{s['method']}]")
+               f"{s['samples']} samples), mean {absorber}-{ligand} {s['mean_bond_length_A']} A [{s['method']}]"
+               + _mixture_text(s.get("mixture")))
+
+
+def _mixture_text(mixture: dict | None) -> str:
+    """'; mixture: 33 % CN 4, 67 % CN 6' from a linear-combination fit, when there is one."""
+    if not mixture or not mixture["coordination_number_fractions"]:
+        return ""
+    parts = [f"{f:.0%} CN {cn}" for cn, f in mixture["coordination_number_fractions"].items()]
+    return "; linear-combination fit: " + ", ".join(parts)
 
 
 @spectra_app.command("library")
@@ -534,21 +546,28 @@ def solve(
                                          "displacement) or auto (rwp when the pattern has enough independent "
                                          "observations, fit for very broad patterns).")] = "auto",
     shape: ShapeOpt = "lorentzian",
+    library: Annotated[str, typer.Option("--library", help="Prototype library: extended (the types of mp20_train, "
+                                         "then further types of MP-20 val/test, MPTS-52, MP-40, AFLOW, WBM and "
+                                         "more; the PXRDnet benchmark's crystals left out), mp20 (mp20_train "
+                                         "only) or a library file (tools/build_prototype_library.py).")] = "extended",
 ):
     """Solve a structure: draw candidates (known structure types with substituted elements, random symmetric
     crystals and/or the guided diffusion model), fit and refine them, rank by Rwp priced for free parameters."""
     data = load_pattern_option(pattern, wavelength, radiation, x_unit)
     _solve_and_report(data, formula, out, checkpoint, samples=samples, seed=seed, size_hint=size_hint, natoms=natoms,
-                      steps=steps, guided=not no_guidance, generator=generator, rank_by=rank_by, shape=shape)
+                      steps=steps, guided=not no_guidance, generator=generator, rank_by=rank_by, shape=shape,
+                      library=library)
 
 
 def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *, samples: int, seed: int,
                       size_hint: float | None, natoms: int | None, steps: int, guided: bool,
-                      generator: str = "prototype", rank_by: str = "auto", shape: str = "lorentzian") -> dict:
+                      generator: str = "prototype", rank_by: str = "auto", shape: str = "lorentzian",
+                      library: str = "extended") -> dict:
     """Run the solver on a loaded pattern with a progress log on stderr and a one-line result on stdout."""
     import torch
     from rich.console import Console
 
+    from xtalsolve.prototypes import check_library
     from xtalsolve.solve import SolveSettings, make_generator, shipped_checkpoint
     from xtalsolve.solve import solve as run_solve
 
@@ -560,8 +579,9 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
                              checkpoint)
     settings = SolveSettings(samples=samples, seed=seed, natoms=natoms, size_hint_A=size_hint, rank_by=rank_by,
                              crystallite_shape=shape)  # an unknown --rank-by or shape fails here, before any work
+    check_library(library)
     torch.set_num_threads(1)  # small batches: one thread is as fast and leaves the other cores free
-    generate = make_generator(generator, checkpoint, data, steps, guided, size_hint_A=size_hint)
+    generate = make_generator(generator, checkpoint, data, steps, guided, size_hint_A=size_hint, library=library)
     console = Console(stderr=True)
     summary = run_solve(data, formula, generate, out, settings, progress=lambda m: console.log(m))
     best = summary["candidates"][0]

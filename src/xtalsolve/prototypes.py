@@ -3,12 +3,13 @@ solver beside the random symmetric crystals and the diffusion model.
 
 Most new inorganic crystals adopt a known structure type: a crystallographer facing a new powder pattern first
 tries the prototypes of chemically similar compounds with the same stoichiometry, then lets the fit decide. This
-module does that with the types of the training crystals (``resources/prototype_library.json.gz``, built by
-tools/build_prototype_library.py from structures that neither benchmark evaluates on): for a cell content it
-lists every type with the same number of atoms and the same atom counts per element, renames the type's elements
-to the target's (every assignment that keeps the counts), and ranks the results by a prior: how common the type
-is and how similar the renamed elements are to those of the type's members (Pauling electronegativity and atomic
-radius; chemical substitution as in Hautier et al., Inorg. Chem. 50, 656 (2011), with a simpler similarity).
+module does that with the types of the training crystals (:data:`LIBRARIES`, built by
+tools/build_prototype_library.py from structures that the benchmark they are used for never evaluates on): for a
+cell content it lists every type with the same number of atoms and the same atom counts per element, renames the
+type's elements to the target's (every assignment that keeps the counts), and ranks the results by a prior: how
+common the type is and how similar the renamed elements are to those of the type's members (Pauling
+electronegativity and atomic radius; chemical substitution as in Hautier et al., Inorg. Chem. 50, 656 (2011),
+with a simpler similarity).
 Each candidate keeps its type's symmetry, so the batched fit of :mod:`xtalsolve.polish` adjusts only its cell
 and free coordinates.
 """
@@ -22,14 +23,16 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 from pymatgen.core import Composition, Element, Lattice, Structure
 
 from xtalsolve.composition import predicted_volume
+from xtalsolve.errors import XtalsolveError
 
 ELECTRONEGATIVITY_SCALE = 0.5
 """Pauling units that count as one unit of chemical distance."""
@@ -41,6 +44,18 @@ of mp20_val (the rank of the true type and assignment, benchmarks/ not involved)
 44 %, top-32 from 75 to 83 %, flat beyond."""
 MAX_ASSIGNMENTS = 24
 """Element assignments tried per type at most (the best by chemical distance)."""
+LIBRARIES = {"extended": ("prototype_library.json.gz", "prototype_library_pxrdnet.json.gz"),
+             "mp20": ("prototype_library.json.gz",)}
+"""The shipped libraries by name, each a sequence of tiers (files); a later tier adds only the types that the
+earlier ones lack, ranked after all of theirs. "mp20": the types of mp20_train (the MP-20 protocol's training
+pool) minus the PXRDnet benchmark ids and duplicates, valid for both benchmarks. "extended": those first, then
+the further types of the PXRDnet protocol's training pool (MP-20 val/test, MPTS-52, MP-40, AFLOW, WBM, perov-5,
+carbon-24, zeolites, MOFs; cells of up to 52 atoms; the PXRDnet benchmark ids and duplicates left out): the
+default for users and the PXRDnet benchmark, never for the MP-20 protocol (it holds most of mp20_test). Tiers,
+not one pool, because measured on the PXRDnet protocol's first materials the flat pool's extra types (many from
+hypothetical crystals) crowded true types out of the first 32 (LiVF6: 38th -> 71st), losing more than the new
+types won. A path to a library file built by tools/build_prototype_library.py is a one-tier library."""
+DEFAULT_LIBRARY = "extended"
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,7 @@ class Prototype:
     count: int
     members: tuple[tuple[str, ...], ...]
     representatives: tuple[dict, ...]
+    tier: int = 0
 
     @property
     def n_atoms(self) -> int:
@@ -92,14 +108,48 @@ def _signature(counts) -> tuple[int, tuple[int, ...]]:
     return sum(counts), counts
 
 
-@lru_cache(maxsize=1)
-def library() -> dict[tuple[int, tuple[int, ...]], list[Prototype]]:
-    """The shipped prototype library, indexed by :func:`signature`."""
-    path = resources.files("xtalsolve.resources").joinpath("prototype_library.json.gz")
-    with gzip.open(path.open("rb"), "rt") as handle:
-        raw = json.load(handle)
+def check_library(name: str) -> str:
+    """``name`` if it is a shipped library (:data:`LIBRARIES`) or an existing file; XtalsolveError otherwise."""
+    if name not in LIBRARIES and not Path(name).is_file():
+        raise XtalsolveError(f"unknown prototype library {name!r}: choose {', '.join(LIBRARIES)} or give a "
+                             "library file (tools/build_prototype_library.py)", "--library")
+    return name
+
+
+def library(name: str = DEFAULT_LIBRARY) -> dict[tuple[int, tuple[int, ...]], list[Prototype]]:
+    """A prototype library (:data:`LIBRARIES` name or file path), indexed by :func:`signature`: the types of its
+    first tier, then those of later tiers that earlier ones lack (``Prototype.tier``). Read once."""
+    return _merged(check_library(name))
+
+
+@lru_cache(maxsize=4)  # one cache key per library, however it is asked for
+def _merged(name: str) -> dict[tuple[int, tuple[int, ...]], list[Prototype]]:
+    files = LIBRARIES.get(name, (name,))
     index: dict[tuple[int, tuple[int, ...]], list[Prototype]] = defaultdict(list)
-    for entry in raw["types"]:
+    seen: set[tuple[int, tuple[tuple[int, str], ...]]] = set()
+    for tier, file in enumerate(files):
+        added = set()
+        for key, protos in _read_library_file(file, shipped=name in LIBRARIES).items():
+            for proto in protos:
+                if (proto.space_group, proto.roles) not in seen:
+                    index[key].append(proto if tier == 0 else replace(proto, tier=tier))
+                    added.add((proto.space_group, proto.roles))
+        seen |= added
+    return dict(index)
+
+
+@lru_cache(maxsize=4)
+def _read_library_file(file: str, shipped: bool) -> dict[tuple[int, tuple[int, ...]], list[Prototype]]:
+    source = resources.files("xtalsolve.resources").joinpath(file) if shipped else None
+    try:
+        with (source.open("rb") if source is not None else open(file, "rb")) as raw_file:
+            with gzip.open(raw_file, "rt") as handle:
+                raw = json.load(handle)
+        types = raw["types"]
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
+        raise XtalsolveError(f"not a prototype library ({type(error).__name__}: {error})", file) from None
+    index: dict[tuple[int, tuple[int, ...]], list[Prototype]] = defaultdict(list)
+    for entry in types:
         proto = Prototype(entry["space_group"], tuple((int(n), str(w)) for n, w in entry["roles"]), entry["count"],
                           tuple(tuple(m) for m in entry["members"]), tuple(entry["representatives"]))
         index[_signature(n for n, _ in proto.roles)].append(proto)
@@ -164,10 +214,15 @@ class Substitution:
     log_prior: float
 
     def structure(self, volume_A3: float) -> Structure:
-        """The representative cell with the elements renamed, scaled to ``volume_A3`` (angstrom^3)."""
+        """The representative cell with the elements renamed, scaled to ``volume_A3`` (angstrom^3); its
+        ``properties["origin"]`` names the type and the crystal the cell comes from."""
         rep = self.prototype.representatives[self.representative]
         structure = Structure(Lattice(rep["lattice"]), [self.elements[r] for r in rep["roles"]], rep["frac"])
         structure.scale_lattice(volume_A3)
+        compound = Composition(dict(zip(rep["elements"], (n for n, _ in self.prototype.roles)))).reduced_formula
+        source = f"{compound} {rep['id']}" if "id" in rep else compound
+        structure.properties["origin"] = (f"prototype: space group {self.prototype.space_group} type of {source} "
+                                          f"({self.prototype.count} crystals in the library)")
         return structure
 
 
@@ -176,16 +231,18 @@ def _same_compound(cell: Composition, proto: Prototype, elements: Sequence[str])
 
 
 @lru_cache(maxsize=64)  # the solver asks again for each round of Z trials
-def ranked_substitutions(cell: Composition, leave_out_compound: bool = False) -> tuple[Substitution, ...]:
-    """Every (type, representative, element assignment) that holds ``cell`` exactly, best prior first: log of the
-    type's member count minus ``CHEMISTRY_WEIGHT`` times the assignment's chemical distance; a type's further
-    representatives (other cell shapes) follow its first at a small penalty.
+def ranked_substitutions(cell: Composition, leave_out_compound: bool = False, library_name: str = DEFAULT_LIBRARY
+                         ) -> tuple[Substitution, ...]:
+    """Every (type, representative, element assignment) that holds ``cell`` exactly, tier by tier of the library
+    and best prior first within a tier: log of the type's member count minus ``CHEMISTRY_WEIGHT`` times the
+    assignment's chemical distance; a type's further representatives (other cell shapes) follow its first at a
+    small penalty.
 
     ``leave_out_compound``: ignore the library's own crystals of this very composition (as members to compare
     chemistry with and as representative cells), so that a benchmark on a known compound measures solving, not
-    looking up; a type known only from this compound drops out."""
+    looking up; a type known only from this compound drops out. ``library_name``: see :data:`LIBRARIES`."""
     out = []
-    for proto in library().get(signature(cell), []):
+    for proto in library(library_name).get(signature(cell), []):
         members, reps = proto.members, range(len(proto.representatives))
         if leave_out_compound:
             members = tuple(m for m in members if not _same_compound(cell, proto, m))
@@ -196,12 +253,12 @@ def ranked_substitutions(cell: Composition, leave_out_compound: bool = False) ->
             base = math.log(proto.count + 1.0) - CHEMISTRY_WEIGHT * distance
             for rank, k in enumerate(reps):
                 out.append(Substitution(proto, k, elements, base - 0.5 * rank))
-    out.sort(key=lambda s: -s.log_prior)
+    out.sort(key=lambda s: (s.prototype.tier, -s.log_prior))
     return tuple(out)
 
 
 def prototype_structures(cell: Composition, n: int, skip: int = 0, volume_A3: float | None = None,
-                         leave_out_compound: bool = False) -> list[Structure]:
+                         leave_out_compound: bool = False, library_name: str = DEFAULT_LIBRARY) -> list[Structure]:
     """Candidates ``skip`` to ``skip + n`` of :func:`ranked_substitutions` (fewer when the library runs out),
     scaled to ``volume_A3`` (angstrom^3; default the composition prior of the cell). An assignment that gives the
     same crystal as a better-ranked one of the same type (rock salt with Na and Cl swapped is rock salt shifted by
@@ -213,7 +270,7 @@ def prototype_structures(cell: Composition, n: int, skip: int = 0, volume_A3: fl
     matcher = StructureMatcher()
     kept: dict[int, list[Structure]] = defaultdict(list)  # type -> its crystals drawn so far
     out: list[Structure] = []
-    for substitution in ranked_substitutions(cell, leave_out_compound):
+    for substitution in ranked_substitutions(cell, leave_out_compound, library_name):
         if len(out) == skip + n:
             break
         structure = substitution.structure(volume)
@@ -226,18 +283,22 @@ def prototype_structures(cell: Composition, n: int, skip: int = 0, volume_A3: fl
     return out[skip:]
 
 
-def prototype_generator(fill=None, leave_out_compound: bool = False):
-    """A solver :data:`~xtalsolve.solve.Generator`: the best-ranked substitutions not yet drawn (``skip``), and,
-    once the library has no more for the cell, candidates from ``fill`` (default random symmetric crystals,
-    :func:`xtalsolve.symmetric.symmetric_generator`). ``leave_out_compound``: see :func:`ranked_substitutions`."""
+def prototype_generator(fill=None, leave_out_compound: bool = False, library_name: str = DEFAULT_LIBRARY):
+    """A solver :data:`~xtalsolve.solve.Generator`: the best-ranked substitutions not yet drawn (``skip``) from
+    the library ``library_name`` (:data:`LIBRARIES`), and, once it has no more for the cell, candidates from
+    ``fill`` (default random symmetric crystals, :func:`xtalsolve.symmetric.symmetric_generator`).
+    ``leave_out_compound``: see :func:`ranked_substitutions`."""
     from xtalsolve.symmetric import symmetric_generator
 
+    check_library(library_name)
     fill = fill or symmetric_generator()
 
     def generate(cell: Composition, n: int, seed: int, skip: int = 0) -> list[Structure]:
-        out = prototype_structures(cell, n, skip, leave_out_compound=leave_out_compound)
+        drawn = prototype_structures(cell, skip + n, leave_out_compound=leave_out_compound,
+                                     library_name=library_name)
+        out = drawn[skip:]
         if len(out) < n:  # after every type of the library in the prior's order
-            extra = list(fill(cell, n - len(out), seed))
+            extra = list(fill(cell, n - len(out), seed, skip=max(0, skip - len(drawn))))
             for j, structure in enumerate(extra):
                 structure.properties["prior_rank"] = skip + len(out) + j
             out += extra

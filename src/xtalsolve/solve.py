@@ -24,6 +24,7 @@ from pymatgen.core import Composition, Structure
 from xtalsolve.composition import CellTrial, formula_unit_trials, parse_formula
 from xtalsolve.errors import XtalsolveError
 from xtalsolve.pattern import Pattern
+from xtalsolve.prototypes import DEFAULT_LIBRARY
 
 Generator = Callable[..., Sequence[Structure]]
 """generate(cell_composition, n, seed, skip=0) -> n candidate structures with exactly that cell content; ``skip``
@@ -117,8 +118,11 @@ def diffusion_generator(checkpoint: str | Path, pattern: Pattern, n_steps: int =
 
     def generate(cell: Composition, n: int, seed: int, skip: int = 0) -> list[Structure]:
         guidance = DataGuidance(pattern_loss(pattern, size_hint_A)) if guided else None
-        return generate_structures(model, [cell] * n, n_steps, pattern=observed.expand(n, -1),
-                                   mask=mask.expand(n, -1), cfg_scale=cfg_scale, guidance=guidance, seed=seed)
+        out = generate_structures(model, [cell] * n, n_steps, pattern=observed.expand(n, -1),
+                                  mask=mask.expand(n, -1), cfg_scale=cfg_scale, guidance=guidance, seed=seed)
+        for structure in out:
+            structure.properties["origin"] = "diffusion model" + (" with data guidance" if guided else "")
+        return out
 
     return generate
 
@@ -150,11 +154,11 @@ GENERATORS = ("prototype", "symmetric", "diffusion", "both")
 
 
 def make_generator(kind: str, checkpoint: str | Path, pattern: Pattern, n_steps: int = 100, guided: bool = True,
-                   size_hint_A: float | None = None) -> Generator:
-    """The solver's candidate source by name: "prototype" (structure types of training crystals with the
-    elements substituted, then random symmetric crystals once the library runs out), "diffusion" (the guided
-    model), "symmetric" (random crystals in space groups drawn from the training prior) or "both" (half
-    diffusion, half symmetric)."""
+                   size_hint_A: float | None = None, library: str = DEFAULT_LIBRARY) -> Generator:
+    """The solver's candidate source by name: "prototype" (structure types of training crystals in the prototype
+    ``library`` with the elements substituted, then random symmetric crystals once the library runs out),
+    "diffusion" (the guided model), "symmetric" (random crystals in space groups drawn from the training prior)
+    or "both" (half diffusion, half symmetric)."""
     from xtalsolve.prototypes import prototype_generator
     from xtalsolve.symmetric import symmetric_generator
 
@@ -163,7 +167,7 @@ def make_generator(kind: str, checkpoint: str | Path, pattern: Pattern, n_steps:
     if kind == "symmetric":
         return symmetric_generator()
     if kind == "prototype":
-        return prototype_generator()
+        return prototype_generator(library_name=library)
     model = diffusion_generator(checkpoint, pattern, n_steps, guided, size_hint_A=size_hint_A)
     return model if kind == "diffusion" else mixed_generator([(model, 0.5), (symmetric_generator(), 0.5)])
 
@@ -412,7 +416,8 @@ def solve(
             fitted, residuals = polish(structures, loss, PolishSettings(steps=settings.polish_steps))
             for i, path in enumerate(stored):
                 record = {"z": trial.z, "index": first + i, "candidate_cif": structures[i].to(fmt="cif"),
-                          "prior_rank": structures[i].properties.get("prior_rank")}
+                          "prior_rank": structures[i].properties.get("prior_rank"),
+                          "origin": structures[i].properties.get("origin")}
                 if np.isfinite(residuals[i]) and fitted[i].volume > 0:
                     record |= {"screen_residual": float(residuals[i]), "screen_cif": fitted[i].to(fmt="cif"),
                                "screen_free_parameters": free_parameters(fitted[i])}
@@ -484,7 +489,8 @@ def solve(
         candidates.append({"rank": rank, "cif": name, **{k: record[k] for k in
                                                          ("rwp", "rp", "gof", "space_group", "lattice", "z",
                                                           "free_parameters", "score", "screen_score")},
-                           "min_distance_A": record.get("min_distance_A"), "plausible": record.get("plausible")})
+                           "min_distance_A": record.get("min_distance_A"), "plausible": record.get("plausible"),
+                           "origin": record.get("origin")})
     if best is not None and abs(best.rwp - ranked[0]["rwp"]) < 1e-12:
         plot_fit(best, out / "fit.png", title=f"{composition.reduced_formula}: rank 1, Rwp {best.rwp:.2%}")
     summary = {
@@ -495,7 +501,7 @@ def solve(
                     "crystallite_size_A": round(size, 1)},
         "candidates": candidates,
         "screened": [{"z": r["z"], "index": r["index"], "screen_residual": r["screen_residual"],
-                      "screen_score": r["screen_score"], "refined": "rwp" in r,
+                      "screen_score": r["screen_score"], "refined": "rwp" in r, "origin": r.get("origin"),
                       "cif": str(_candidate_file(store, r["z"], r["index"]).with_suffix(".cif").relative_to(out))}
                      for r in screened],
         "failed": [{"z": r["z"], "index": r["index"], "reason": r["failed"]} for r in records if "failed" in r],

@@ -127,6 +127,7 @@ def random_symmetric_structures(
             if structure.composition != cell:
                 continue
             structure.scale_lattice(volume * math.exp(volume_spread * rng.standard_normal()))
+            structure.properties["origin"] = f"random symmetric crystal in space group {group}"
             out.append(structure)
             break
         else:

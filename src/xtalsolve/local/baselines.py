@@ -1,7 +1,9 @@
 """Baselines for spectrum -> local structure.
 
 - :class:`TemplateMatcher`: nearest library spectra (L2 distance between edge-aligned normalised feature vectors);
-  their clusters are the prediction.
+  their clusters are the prediction. :meth:`TemplateMatcher.mixture` is linear-combination fitting (LCF, as in
+  Athena): the spectrum as a non-negative mixture of library spectra, for samples with several kinds of site
+  (magnetite: one tetrahedral, two octahedral Fe).
 - :func:`fit_first_shell`: EXAFS-style single-shell fit, chi(k) = N S02 |F(k)| / (k R^2) exp(-2 k^2 sigma2)
   exp(-2R / lambda(k)) sin(2kR + phi(k)), least squares on N, R, sigma2 (and an E0 shift), with the
   amplitude |F|, phase phi and mean free path lambda of the absorber-ligand path given as arrays on k
@@ -39,6 +41,23 @@ class TemplateMatcher:
         idx = np.argsort(d, kind="stable")[:k]
         idx = idx[np.isfinite(d[idx])]
         return idx, d[idx]
+
+    def mixture(self, features: np.ndarray, exclude: set[str] | None = None, sum_weight: float = 10.0
+                ) -> tuple[np.ndarray, float]:
+        """Linear-combination fit: non-negative weights w (one per library spectrum, summing to about 1) that
+        minimise |sum_i w_i f_i - features| (scipy's NNLS; the sum is held near 1 by an extra row of weight
+        ``sum_weight``, as a normalised mixture must). Returns (w, RMS residual per point)."""
+        from scipy.optimize import nnls
+
+        basis = self.library.features.T
+        if exclude:
+            keep = np.array([m.get("material_key") not in exclude for m in self.library.meta])
+            basis = basis * keep[None, :]
+        a = np.vstack([basis, np.full((1, basis.shape[1]), sum_weight)])
+        b = np.concatenate([features, [sum_weight]])
+        weights, _ = nnls(a, b, maxiter=50 * basis.shape[1])
+        residual = float(np.sqrt(np.mean((basis @ weights - features) ** 2)))
+        return weights, residual
 
     def predict(self, features: np.ndarray, k: int = 8, absorber: str | None = None,
                 exclude: set[str] | None = None) -> list[Cluster]:

@@ -175,6 +175,7 @@ def iter_clusters(
     max_z: int | None = None,
     data_dir: Path | None = None,
     min_cn: int = 0,
+    max_cn: int | None = None,
 ) -> Iterator[Cluster]:
     """Clusters for FEFF: per unique absorber site, the unperturbed cluster then ``n_perturbed`` perturbed copies.
 
@@ -182,7 +183,8 @@ def iter_clusters(
     through stretch, bend, rattle, vacancy; the seed of copy ``k`` is derived from (seed, material, site, k).
     ``max_z`` skips crystals holding heavier elements (FEFF's SCF is 3-10x slower with transition metals);
     ``min_cn`` keeps only sites with at least that many first-shell ligands (e.g. 5: the five- and six-fold Si of
-    high-pressure phases, rare among crystals and so needed on purpose; their vacancy copies are one lower).
+    high-pressure phases, rare among crystals and so needed on purpose; their vacancy copies are one lower);
+    ``max_cn`` only those with at most that many (e.g. 4: tetrahedral Fe, a minority among Fe-O sites).
     ``meta`` of each cluster: source, material_id, formula, material_key, split, site, perturbation.
     """
     refs = material_refs(absorber, ligand, sources, data_dir)
@@ -202,7 +204,8 @@ def iter_clusters(
             meta = {"source": ref.source, "material_id": ref.material_id, "formula": s.composition.reduced_formula,
                     "material_key": key, "split": split, "absorber": absorber}
             base = cut_cluster(s, site, n_atoms=n_atoms, meta=meta)
-            if len(first_shell_indices(base, ligand)) < min_cn:
+            cn = len(first_shell_indices(base, ligand))
+            if cn < min_cn or (max_cn is not None and cn > max_cn):
                 continue
             yield base
             for k in range(n_perturbed):
@@ -236,6 +239,7 @@ def generate(
     max_z: int | None = None,
     progress: bool = True,
     min_cn: int = 0,
+    max_cn: int | None = None,
 ) -> dict:
     """Compute FEFF10 spectra of up to ``limit`` clusters into the cache directory ``out`` (resumable).
 
@@ -249,7 +253,7 @@ def generate(
     if bad:
         raise XtalsolveError(f"unknown source(s) {sorted(bad)}; choose from {list(SOURCES)}", "--sources")
     clusters = iter_clusters(absorber, ligand, sources, n_perturbed=n_perturbed, n_atoms=n_atoms, seed=seed,
-                             max_z=max_z, min_cn=min_cn)
+                             max_z=max_z, min_cn=min_cn, max_cn=max_cn)
     if limit is not None:
         clusters = islice(clusters, limit)
     return compute_spectra(clusters, SpectrumCache(out), FeffSettings(), workers=workers, progress=progress,
