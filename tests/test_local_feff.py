@@ -79,6 +79,12 @@ def test_cli_generate_resumes(tmp_path):
     assert rec["meta"]["material_id"] == "iza-SOD" and rec["meta"]["split"] in ("train", "val", "test")
     bad = subprocess.run(cmd[:-1] + ["--sources", "nowhere"], capture_output=True, text=True, env=env, check=False)
     assert bad.returncode == 2 and "--sources" in bad.stderr
+    library = [sys.executable, "-m", "xtalsolve.cli", "spectra", "library", "--cache", str(tmp_path / "c"),
+               "--out", str(tmp_path / "l.npz")]
+    kept = subprocess.run(library + ["--min-cn", "4"], capture_output=True, text=True, check=False)
+    assert kept.returncode == 0 and json.loads(kept.stdout)["spectra"] == 1  # sodalite's Si is four-fold
+    none = subprocess.run(library + ["--min-cn", "5"], capture_output=True, text=True, check=False)
+    assert none.returncode == 2 and "no entry has 5 or more O neighbours" in none.stderr
 
 
 def test_overlapping_atoms_are_rejected_before_feff():

@@ -3,6 +3,7 @@
 experimental_xas: hematite and wustite six-fold, magnetite 1/3 four-fold + 2/3 six-fold).
 
     python tools/check_measured_xas.py --cache cache/spectra_fe_k [--samples 8] [--keep-same-formula]
+        [--broaden FWHM_eV] [--min-cn 4]
 
 The template library is built from the FEFF cache; by default every FeO, Fe2O3 and Fe3O4 entry is dropped from it
 so the answer cannot come from a computed copy of the same material. Prints one JSON line per spectrum.
@@ -22,6 +23,7 @@ EXPECTED = {"Fe2O3_rt_01.xdi": "6", "FeO_rt_01.xdi": "6", "Fe3O4_rt_01.xdi": "4:
 
 def main() -> None:
     from xtalsolve.io.spectra import read_spectrum
+    from xtalsolve.local.clusters import first_shell
     from xtalsolve.local.library import build_library
     from xtalsolve.local.predict import predict_local
 
@@ -30,10 +32,15 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--keep-same-formula", action="store_true")
     p.add_argument("--broaden", type=float, default=0.0, help="Gaussian FWHM (eV) applied to the templates")
+    p.add_argument("--min-cn", type=int, default=4,
+                   help="drop templates with fewer O neighbours (two-fold 'Fe-O' sites of selenide oxides, whose "
+                        "other neighbours lie beyond the Fe-O cutoff, are not oxide environments)")
     a = p.parse_args()
     lib = build_library(a.cache, "Fe")
     if not a.keep_same_formula:
         lib = lib.without_formulas({"FeO", "Fe2O3", "Fe3O4"})
+    cn = [first_shell(lib.cluster(i, "Fe"), "O").coordination_number for i in range(len(lib))]
+    lib = lib.subset([i for i, c in enumerate(cn) if c >= a.min_cn])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lib.npz"
         lib.save(path)

@@ -167,12 +167,22 @@ def spectra_library(
     out: Annotated[Path, typer.Option("--out", help="Library file (.npz).")],
     absorber: Annotated[str, typer.Option("--absorber")] = "Si",
     edge: Annotated[str, typer.Option("--edge")] = "K",
+    ligand: Annotated[str, typer.Option("--ligand", help="First-shell element counted by --min-cn.")] = "O",
+    min_cn: Annotated[int, typer.Option("--min-cn", help="Leave out entries with fewer first-shell ligands (4 for "
+                                                         "Fe-O: two-fold sites of mixed-anion crystals are not "
+                                                         "oxide environments).")] = 0,
 ):
     """Collect cached spectra into an edge-aligned feature library (templates and training data)."""
+    from xtalsolve.local.clusters import first_shell
     from xtalsolve.local.dataset import check_absorber
     from xtalsolve.local.library import build_library
 
     lib = build_library(cache, check_absorber(absorber), edge=edge)
+    if min_cn:
+        ligand = check_absorber(ligand)
+        lib = lib.subset([first_shell(lib.cluster(i), ligand).coordination_number >= min_cn for i in range(len(lib))])
+        if len(lib) == 0:
+            raise XtalsolveError(f"no entry has {min_cn} or more {ligand} neighbours", cache)
     lib.save(out)
     splits = {k: sum(m.get("split") == k for m in lib.meta) for k in ("train", "val", "test")}
     typer.echo(json.dumps({"spectra": len(lib), **splits, "out": str(out)}))
