@@ -184,7 +184,8 @@ def main() -> None:
         table[f"D={size:g}A/{arm}"] = entry
     (RESULTS / f"{results_name}{args.tag}.json").write_text(json.dumps(
         {"set": args.set, "checkpoint": str(args.checkpoint), "samples": args.samples, "candidates": args.candidates,
-         "steps": args.steps, "crystallite_shape": args.crystallite_shape, "rank_by": args.rank_by, "library": args.library, "table": table},
+         "steps": args.steps, "crystallite_shape": args.crystallite_shape, "rank_by": args.rank_by,
+         "library": args.library, "table": table},
         indent=2))
     for key, entry in table.items():
         print(key, entry)

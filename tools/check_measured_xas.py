@@ -23,7 +23,6 @@ EXPECTED = {"Fe2O3_rt_01.xdi": "6", "FeO_rt_01.xdi": "6", "Fe3O4_rt_01.xdi": "4:
 
 def main() -> None:
     from xtalsolve.io.spectra import read_spectrum
-    from xtalsolve.local.clusters import first_shell
     from xtalsolve.local.library import build_library
     from xtalsolve.local.predict import predict_local
 
@@ -39,8 +38,7 @@ def main() -> None:
     lib = build_library(a.cache, "Fe")
     if not a.keep_same_formula:
         lib = lib.without_formulas({"FeO", "Fe2O3", "Fe3O4"})
-    cn = [first_shell(lib.cluster(i, "Fe"), "O").coordination_number for i in range(len(lib))]
-    lib = lib.subset([i for i, c in enumerate(cn) if c >= a.min_cn])
+    lib = lib.subset(lib.coordination_numbers("O", "Fe") >= a.min_cn)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lib.npz"
         lib.save(path)

@@ -154,7 +154,7 @@ def local(
 
 
 def _mixture_text(mixture: dict | None) -> str:
-    """'; mixture: 33 % CN 4, 67 % CN 6' from a linear-combination fit, when there is one."""
+    """'; linear-combination fit: 33% CN 4, 67% CN 6' when the prediction has such a fit, else ''."""
     if not mixture or not mixture["coordination_number_fractions"]:
         return ""
     parts = [f"{f:.0%} CN {cn}" for cn, f in mixture["coordination_number_fractions"].items()]
@@ -173,14 +173,13 @@ def spectra_library(
                                                          "oxide environments).")] = 0,
 ):
     """Collect cached spectra into an edge-aligned feature library (templates and training data)."""
-    from xtalsolve.local.clusters import first_shell
     from xtalsolve.local.dataset import check_absorber
     from xtalsolve.local.library import build_library
 
     lib = build_library(cache, check_absorber(absorber), edge=edge)
     if min_cn:
         ligand = check_absorber(ligand)
-        lib = lib.subset([first_shell(lib.cluster(i), ligand).coordination_number >= min_cn for i in range(len(lib))])
+        lib = lib.subset(lib.coordination_numbers(ligand) >= min_cn)
         if len(lib) == 0:
             raise XtalsolveError(f"no entry has {min_cn} or more {ligand} neighbours", cache)
     lib.save(out)

@@ -127,14 +127,12 @@ def _merged(name: str) -> dict[tuple[int, tuple[int, ...]], list[Prototype]]:
     files = LIBRARIES.get(name, (name,))
     index: dict[tuple[int, tuple[int, ...]], list[Prototype]] = defaultdict(list)
     seen: set[tuple[int, tuple[tuple[int, str], ...]]] = set()
-    for tier, file in enumerate(files):
-        added = set()
+    for tier, file in enumerate(files):  # a file lists each type once, so one seen-set serves all tiers
         for key, protos in _read_library_file(file, shipped=name in LIBRARIES).items():
             for proto in protos:
                 if (proto.space_group, proto.roles) not in seen:
-                    index[key].append(proto if tier == 0 else replace(proto, tier=tier))
-                    added.add((proto.space_group, proto.roles))
-        seen |= added
+                    index[key].append(replace(proto, tier=tier) if tier else proto)
+                    seen.add((proto.space_group, proto.roles))
     return dict(index)
 
 

@@ -42,17 +42,13 @@ class TemplateMatcher:
         idx = idx[np.isfinite(d[idx])]
         return idx, d[idx]
 
-    def mixture(self, features: np.ndarray, exclude: set[str] | None = None, sum_weight: float = 10.0
-                ) -> tuple[np.ndarray, float]:
+    def mixture(self, features: np.ndarray, sum_weight: float = 10.0) -> tuple[np.ndarray, float]:
         """Linear-combination fit: non-negative weights w (one per library spectrum, summing to about 1) that
         minimise |sum_i w_i f_i - features| (scipy's NNLS; the sum is held near 1 by an extra row of weight
         ``sum_weight``, as a normalised mixture must). Returns (w, RMS residual per point)."""
         from scipy.optimize import nnls
 
         basis = self.library.features.T
-        if exclude:
-            keep = np.array([m.get("material_key") not in exclude for m in self.library.meta])
-            basis = basis * keep[None, :]
         a = np.vstack([basis, np.full((1, basis.shape[1]), sum_weight)])
         b = np.concatenate([features, [sum_weight]])
         weights, _ = nnls(a, b, maxiter=50 * basis.shape[1])

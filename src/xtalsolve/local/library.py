@@ -74,6 +74,13 @@ class SpectrumLibrary:
         return Cluster((absorber or self.meta[i].get("absorber", "X"), *sp),
                        np.vstack([np.zeros(3), self.positions[i][ok]]), dict(self.meta[i]))
 
+    def coordination_numbers(self, ligand: str = "O", absorber: str | None = None) -> np.ndarray:
+        """First-shell ``ligand`` count of every entry (:func:`xtalsolve.local.clusters.first_shell`)."""
+        from xtalsolve.local.clusters import first_shell
+
+        return np.array([first_shell(self.cluster(i, absorber), ligand).coordination_number
+                         for i in range(len(self))], dtype=int)
+
     def save(self, path: str | Path) -> None:
         np.savez_compressed(path, grid=self.grid, features=self.features.astype(np.float32), e0=self.e0,
                             positions=self.positions.astype(np.float32), species=self.species.astype(np.uint8),

@@ -74,18 +74,19 @@ def site_mixture(matcher, features: np.ndarray, absorber: str, ligand: str = "O"
     weights, residual = matcher.mixture(features)
     total = float(weights.sum())
     if total <= 0:
-        return {"coordination_number_fractions": {}, "components": [], "residual": round(residual, 5)}
+        return {"coordination_number_fractions": {}, "components": [], "weight_sum": 0.0,
+                "residual": round(residual, 5)}
     lib = matcher.library
-    fractions: Counter = Counter()
     used = np.flatnonzero(weights > 1e-3 * total)
-    cns = {int(i): first_shell(lib.cluster(int(i), absorber), ligand).coordination_number for i in used}
+    cns = dict(zip(used.tolist(), lib.subset(used).coordination_numbers(ligand, absorber).tolist()))
+    fractions: Counter = Counter()
     for i in used:
-        fractions[cns[int(i)]] += weights[i] / total
+        fractions[cns[i]] += weights[i] / total
     top = used[np.argsort(-weights[used])][:components]
     return {
         "coordination_number_fractions": {str(cn): round(float(f), 3) for cn, f in sorted(fractions.items())},
         "components": [{"formula": lib.meta[i].get("formula"), "material_id": lib.meta[i].get("material_id"),
-                        "coordination_number": cns[int(i)], "weight": round(float(weights[i] / total), 3)}
+                        "coordination_number": cns[i], "weight": round(float(weights[i] / total), 3)}
                        for i in top],
         "weight_sum": round(total, 3),
         "residual": round(residual, 5),
@@ -147,13 +148,13 @@ def predict_local(
             raise XtalsolveError("template library has no usable entry", lib_path)
         extra["template_features"] = [lib.features[c.meta["template_index"]] for c in clusters]
         extra["grid"] = lib.grid
-        extra["mixture"] = site_mixture(matcher, feats, absorber, ligand)
+        mixture = site_mixture(matcher, feats, absorber, ligand)
         name = "template matching (nearest library spectra)"
     extra["features"] = feats
     summary = {"method": name, "absorber": absorber, "edge": edge, **consensus(clusters, ligand),
                "e0_eV": round(norm.e0, 2), "source": spectrum.source}
-    if "mixture" in extra:
-        summary["mixture"] = extra["mixture"]
+    if not use_model:
+        summary["mixture"] = mixture
     return LocalPrediction(name, clusters, summary, extra)
 
 
