@@ -34,8 +34,7 @@ def _manifest() -> list[dict]:
 
 
 def _no_data(n_args: int = 1):
-    values = None if n_args == 1 else (None,) * n_args
-    return [pytest.param(values, marks=pytest.mark.skip(reason=f"shared data not found at {EXPERIMENTAL}"))]
+    return [pytest.param(*(None,) * n_args, marks=pytest.mark.skip(reason=f"shared data not found at {EXPERIMENTAL}"))]
 
 
 def _stated_wavelengths(row: dict) -> list[float] | None:
