@@ -92,6 +92,11 @@ def main() -> None:
                              "are made with D sinc^2(D Q / 2), the Laue function of a cube edge, and the "
                              "protocol states it as a user states the instrument's profile")
     parser.add_argument("--rank-by", default="auto", choices=RANK_BY)
+    parser.add_argument("--ids", type=Path, default=None,
+                        help="a file of material ids (JSON list or one per line): solve only these of the set; "
+                             "the others' patterns are still drawn, so each pattern's noise is that of a full run")
+    parser.add_argument("--no-redecorate", action="store_true",
+                        help="prototype arm without re-decorated frameworks (ablation)")
     parser.add_argument("--library", choices=tuple(LIBRARIES), default=None,
                         help="prototype library (default: the protocol's, extended for pxrdnet, mp20 otherwise)")
     parser.add_argument("--set", choices=("pxrdnet", "mp20", "mp20_val"), default="pxrdnet",
@@ -129,19 +134,24 @@ def main() -> None:
     done_file = RESULTS / f"{results_name}{args.tag}.jsonl"
     done = {(r["id"], r["size_A"], r["arm"]) for r in map(json.loads, done_file.read_text().splitlines())} \
         if done_file.is_file() else set()
+    only = None
+    if args.ids is not None:
+        text = args.ids.read_text()
+        only = {str(i[0] if isinstance(i, list) else i) for i in json.loads(text)} if text.lstrip().startswith("[") \
+            else set(text.split())
     rng = np.random.default_rng(args.seed)
     for size in args.size:
         for material, reference in zip(ids, references):
             grid, y = pxrdnet_pattern(reference, size, rng)
             pattern = Pattern(grid, y, np.full_like(y, 1e-3), "q", 1.54184, f"pxrdnet:{material}")
             for arm in args.arms:
-                if (material, size, arm) in done:
+                if (material, size, arm) in done or (only is not None and material not in only):
                     continue
                 start = time.perf_counter()
                 if arm == "symmetric":
                     generate = symmetric_generator()
                 elif arm == "prototype":
-                    generate = prototype_generator(library_name=args.library)
+                    generate = prototype_generator(library_name=args.library, redecorate=not args.no_redecorate)
                 else:
                     generate = diffusion_generator(args.checkpoint, pattern, args.steps, guided="guided" in arm,
                                                    cfg_scale=0.0 if arm == "prior" else 1.0, size_hint_A=size)
@@ -185,7 +195,8 @@ def main() -> None:
     (RESULTS / f"{results_name}{args.tag}.json").write_text(json.dumps(
         {"set": args.set, "checkpoint": str(args.checkpoint), "samples": args.samples, "candidates": args.candidates,
          "steps": args.steps, "crystallite_shape": args.crystallite_shape, "rank_by": args.rank_by,
-         "library": args.library, "table": table},
+         "library": args.library, "redecorate": not args.no_redecorate,
+         "ids": sorted(only) if only is not None else None, "table": table},
         indent=2))
     for key, entry in table.items():
         print(key, entry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 
 import numpy as np
@@ -18,9 +19,11 @@ from xtalsolve.errors import XtalsolveError
 from xtalsolve.prototypes import (
     check_library,
     library,
+    best_decorations,
     prototype_generator,
     prototype_structures,
     ranked_substitutions,
+    redecorations,
     signature,
     structure_type,
 )
@@ -141,16 +144,16 @@ def test_leave_out_compound_drops_the_compound_itself():
 
 def test_generator_fills_from_the_fallback_once_the_library_runs_out():
     cell = Composition("K3GdF6")
-    available = len(prototype_structures(cell, 1000, library_name="mp20"))
+    available = len(prototype_structures(cell, 1000, library_name="mp20", redecorate=False))
     assert 0 < available < 100
     fill = lambda c, n, seed, skip=0: [Structure(Lattice.cubic(9.0), ["K"], [[0, 0, 0]])  # noqa: E731
                                        for _ in range(n)]
-    drawn = prototype_generator(fill=fill, library_name="mp20")(cell, 5, 0, skip=available - 2)
+    drawn = prototype_generator(fill=fill, library_name="mp20", redecorate=False)(cell, 5, 0, skip=available - 2)
     assert [s.composition == cell for s in drawn] == [True, True, False, False, False]
     # the fill is told how many of its own were drawn before (a second round of Z trials goes on down its list)
     skips = []
     prototype_generator(fill=lambda c, n, seed, skip=0: skips.append(skip) or fill(c, n, seed),
-                        library_name="mp20")(cell, 4, 0, skip=available + 3)
+                        library_name="mp20", redecorate=False)(cell, 4, 0, skip=available + 3)
     assert skips == [3]
     # the prior's order goes on through the fill: the solver prices it
     assert [s.properties["prior_rank"] for s in drawn] == list(range(available - 2, available + 3))
@@ -182,3 +185,64 @@ def test_solve_finds_rutile_by_substitution(tmp_path):
     assert best["origin"].startswith("prototype: space group 136 type of ")  # rutile, from another compound
     assert "SnO2" not in best["origin"]
     assert StructureMatcher().fit(Structure.from_file(tmp_path / best["cif"]), truth)
+
+
+def test_best_decorations_are_the_cheapest_exact_sharings():
+    """Against brute force over every element per orbit: same k best, same costs, counts held exactly."""
+    rng = np.random.default_rng(3)
+    sizes, counts = [2, 1, 1, 3, 1, 2], [4, 3, 3]
+    cost = rng.uniform(0, 1, (len(sizes), len(counts)))
+    brute = sorted((sum(cost[o, e] for o, e in enumerate(a)), a)
+                   for a in itertools.product(range(3), repeat=len(sizes))
+                   if all(sum(s for s, e in zip(sizes, a) if e == k) == counts[k] for k in range(3)))
+    found = best_decorations(sizes, cost, counts, k=4)
+    assert [a for a, _ in found] == [a for _, a in brute[:4]]
+    assert np.allclose([c for _, c in found], [c for c, _ in brute[:4]])
+    assert best_decorations([2, 2], np.zeros((2, 2)), [1, 3], k=3) == []  # no sharing holds the counts
+
+
+def _perovskite_library(path):
+    """A library file with one type: cubic perovskite SrTiO3 (Sr 1a, Ti 1b, O 3c)."""
+    entry = {"space_group": 221, "roles": [[1, "a"], [1, "b"], [3, "c"]], "n_atoms": 5, "count": 1,
+             "members": [["Sr", "Ti", "O"]],
+             "representatives": [{"lattice": np.diag([3.905] * 3).tolist(),
+                                  "frac": [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
+                                  "roles": [0, 1, 2, 2, 2], "elements": ["Sr", "Ti", "O"], "id": "my-2"}]}
+    with gzip.open(path, "wt") as handle:
+        json.dump({"source": "test", "n_structures": 1, "types": [entry]}, handle)
+    return str(path)
+
+
+def test_redecoration_reaches_a_type_the_library_lacks(tmp_path):
+    """A2X3 has no type in a perovskite-only library, but the perovskite framework holds it with A on both
+    cation orbits (1a + 1b) and X on 3c; the framework's own sharing (ABX3) is a substitution, not offered
+    again; the generator draws the re-decoration before its random fill."""
+    own = _perovskite_library(tmp_path / "own.json.gz")
+    cell = Composition("Nb2O3")
+    assert ranked_substitutions(cell, library_name=own) == ()
+    decorations = redecorations(cell, library_name=own)
+    assert len(decorations) == 1
+    expected = Structure(Lattice.cubic(4.0), ["Nb", "Nb", "O", "O", "O"],
+                         [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    assert StructureMatcher().fit(decorations[0].structure(64.0), expected)
+    assert redecorations(Composition("BaZrO3"), library_name=own) == ()
+    fill = lambda c, n, seed, skip=0: [Structure(Lattice.cubic(9.0), ["K"], [[0, 0, 0]])  # noqa: E731
+                                       for _ in range(n)]
+    drawn = prototype_generator(fill=fill, library_name=own)(cell, 3, seed=0)
+    assert drawn[0].composition == cell and drawn[1].composition != cell
+    assert drawn[0].properties["origin"].startswith("re-decorated framework: space group 221 type of SrTiO3 my-2")
+    assert [s.properties["prior_rank"] for s in drawn] == [0, 1, 2]
+    assert prototype_generator(fill=fill, library_name=own, redecorate=False)(cell, 1, seed=0)[0].composition != cell
+
+
+def test_redecoration_finds_a_benchmark_crystal_of_no_library_type(shared_data):
+    """BaPb2C2(O3F)2 (PXRDnet benchmark material 26, R-3m) has no type in the extended library, and no type
+    of its atom counts at all; its structure is the best re-decoration of a library framework."""
+    from xtalsolve.data import evaluation_set
+
+    tensors = evaluation_set("pxrdnet", first=27).load()
+    truth = tensors.structure(26)
+    assert truth.composition.reduced_formula == "BaPb2C2(O3F)2"
+    assert ranked_substitutions(truth.composition) == ()
+    best = redecorations(truth.composition)[0].structure(truth.volume)
+    assert StructureMatcher(ltol=0.3, stol=0.5, angle_tol=10).fit(best, truth)

@@ -12,6 +12,12 @@ electronegativity and atomic radius; chemical substitution as in Hautier et al.,
 with a simpler similarity).
 Each candidate keeps its type's symmetry, so the batched fit of :mod:`xtalsolve.polish` adjusts only its cell
 and free coordinates.
+
+When the library has no more types for the cell, its frameworks are re-decorated (:func:`redecorations`): a type
+with the same number of atoms whose orbits (sets of symmetry-equivalent sites) can be shared out among the
+cell's elements in another way than its own members do, e.g. a quaternary Heusler ordering on the four fcc
+sublattices of the BiF3 type, or a rhombohedral carbonate-fluoride on a framework whose orbits hold other
+elements. This reaches types that no training crystal has, still with known coordination geometry.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import gzip
 import itertools
 import json
 import math
+import os
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -44,6 +51,12 @@ of mp20_val (the rank of the true type and assignment, benchmarks/ not involved)
 44 %, top-32 from 75 to 83 %, flat beyond."""
 MAX_ASSIGNMENTS = 24
 """Element assignments tried per type at most (the best by chemical distance)."""
+DECORATIONS_PER_FRAMEWORK = 2
+"""Re-decorations kept per framework (the best by chemical distance), so that one framework with many orbits
+does not fill the list."""
+DECORATION_SEARCH_NODES = 20_000
+"""Search nodes per framework at most when sharing its orbits out among the elements (bounds the time for
+frameworks of many small orbits, P1 cells)."""
 LIBRARIES = {"extended": ("prototype_library.json.gz", "prototype_library_pxrdnet.json.gz"),
              "mp20": ("prototype_library.json.gz",)}
 """The shipped libraries by name, each a sequence of tiers (files); a later tier adds only the types that the
@@ -255,10 +268,164 @@ def ranked_substitutions(cell: Composition, leave_out_compound: bool = False, li
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class Decoration:
+    """A ranked candidate from a framework: the type's first usable representative with its orbits given the
+    cell's elements in a way no member of the type has (``species``: element of each site of representative
+    ``representative``), and its log prior."""
+
+    prototype: Prototype
+    representative: int
+    species: tuple[str, ...]
+    log_prior: float
+
+    def structure(self, volume_A3: float) -> Structure:
+        """The re-decorated representative cell scaled to ``volume_A3`` (angstrom^3); its
+        ``properties["origin"]`` names the framework and the crystal the cell comes from."""
+        rep = self.prototype.representatives[self.representative]
+        structure = Structure(Lattice(rep["lattice"]), list(self.species), rep["frac"])
+        structure.scale_lattice(volume_A3)
+        compound = Composition(dict(zip(rep["elements"], (n for n, _ in self.prototype.roles)))).reduced_formula
+        source = f"{compound} {rep['id']}" if "id" in rep else compound
+        structure.properties["origin"] = (f"re-decorated framework: space group {self.prototype.space_group} "
+                                          f"type of {source} with its orbits shared out anew")
+        return structure
+
+
+def framework_orbits(proto: Prototype, representative: int = 0) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]:
+    """The orbits of a type's representative cell (site indices of each set of symmetry-equivalent sites, spglib
+    at 0.1 angstrom as for the types, the sites told apart by their role) and the Wyckoff letter of each."""
+    import spglib
+
+    key = (id(proto), representative)
+    if key not in _ORBITS:
+        rep = proto.representatives[representative]
+        quiet, os.environ["SPGLIB_WARNING"] = os.environ.get("SPGLIB_WARNING"), "OFF"  # no C-level chatter
+        try:
+            data = spglib.get_symmetry_dataset((np.asarray(rep["lattice"]), np.asarray(rep["frac"]),
+                                                np.asarray(rep["roles"]) + 1), symprec=0.1)
+        finally:
+            if quiet is None:
+                os.environ.pop("SPGLIB_WARNING", None)
+            else:
+                os.environ["SPGLIB_WARNING"] = quiet
+        if data is None:  # spglib fails on a few odd cells: then every site is its own orbit
+            _ORBITS[key] = (tuple((i,) for i in range(len(rep["roles"]))), ("?",) * len(rep["roles"]))
+        else:
+            members: dict[int, list[int]] = defaultdict(list)
+            for site, orbit in enumerate(data.equivalent_atoms):
+                members[int(orbit)].append(site)
+            orbits = tuple(tuple(v) for v in members.values())
+            _ORBITS[key] = (orbits, tuple(data.wyckoffs[o[0]] for o in orbits))
+    return _ORBITS[key]
+
+
+_ORBITS: dict[tuple[int, int], tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]] = {}  # library types live
+# as long as the process (lru-cached), so their id() is a stable key
+
+
+def best_decorations(sizes: Sequence[int], cost: np.ndarray, counts: Sequence[int], k: int,
+                     max_nodes: int = DECORATION_SEARCH_NODES) -> list[tuple[tuple[int, ...], float]]:
+    """The ``k`` cheapest ways of giving each orbit (atoms ``sizes[o]``) one element (``cost[o, e]``) so that
+    element ``e`` gets exactly ``counts[e]`` atoms: (element index of each orbit, total cost), cheapest first.
+    Branch and bound over the orbits, largest first; the bound adds each remaining orbit's cheapest element.
+    Hand-written: a small exact-cover search with counts has no library routine."""
+    import heapq
+
+    order = sorted(range(len(sizes)), key=lambda o: -sizes[o])
+    floor = np.concatenate([np.cumsum([cost[o].min() for o in order][::-1])[::-1], [0.0]])
+    best: list[tuple[float, tuple[int, ...]]] = []  # max-heap of the k best by negated cost
+    remaining = list(counts)
+    chosen = [0] * len(sizes)
+    nodes = 0
+
+    def search(depth: int, total: float) -> None:
+        nonlocal nodes
+        nodes += 1
+        if nodes > max_nodes or (len(best) == k and total + floor[depth] >= -best[0][0]):
+            return
+        if depth == len(order):
+            entry = (-total, tuple(chosen))
+            heapq.heappush(best, entry) if len(best) < k else heapq.heappushpop(best, entry)
+            return
+        orbit = order[depth]
+        for e in np.argsort(cost[orbit]):
+            if remaining[e] >= sizes[orbit]:
+                remaining[e] -= sizes[orbit]
+                chosen[orbit] = int(e)
+                search(depth + 1, total + float(cost[orbit, e]))
+                remaining[e] += sizes[orbit]
+
+    search(0, 0.0)
+    return [(assignment, -negated) for negated, assignment in sorted(best, reverse=True)]
+
+
+@lru_cache(maxsize=4)
+def _types_by_size(library_name: str) -> tuple[dict[int, list[Prototype]], frozenset]:
+    by_size: dict[int, list[Prototype]] = defaultdict(list)
+    known = set()
+    for protos in library(library_name).values():
+        for proto in protos:
+            by_size[proto.n_atoms].append(proto)
+            known.add((proto.space_group, tuple(sorted(proto.roles))))
+    return dict(by_size), frozenset(known)
+
+
+@lru_cache(maxsize=64)
+def redecorations(cell: Composition, leave_out_compound: bool = False, library_name: str = DEFAULT_LIBRARY
+                  ) -> tuple[Decoration, ...]:
+    """Candidates for ``cell`` from the library's frameworks of the same number of atoms, best prior first: each
+    framework's orbits shared out among the cell's elements with the right atom counts (at most
+    ``DECORATIONS_PER_FRAMEWORK`` per framework, the chemically closest), leaving out the ways that give a type
+    the library holds (:func:`ranked_substitutions` has those). Log prior as for substitutions: log of the
+    framework's member count minus ``CHEMISTRY_WEIGHT`` times the atom-weighted chemical distance of each
+    orbit's new element to the closest element the members put there. ``leave_out_compound``: as for
+    :func:`ranked_substitutions` (no cell or member of this very composition)."""
+    elements = [el.symbol for el in cell]
+    counts = [int(round(cell[el])) for el in cell]
+    by_size, known = _types_by_size(library_name)
+    out = []
+    for proto in by_size.get(sum(counts), []):
+        members, reps = proto.members, range(len(proto.representatives))
+        if leave_out_compound:
+            members = tuple(m for m in members if not _same_compound(cell, proto, m))
+            reps = [k for k in reps if not _same_compound(cell, proto, proto.representatives[k]["elements"])]
+            if not members or not reps:
+                continue
+        representative = reps[0]
+        orbits, letters = framework_orbits(proto, representative)
+        roles = proto.representatives[representative]["roles"]
+        sizes = [len(orbit) for orbit in orbits]
+        # each orbit's cost of each element: distance to the closest element members put on its role
+        cost = np.array([[min(element_distance(el, member[roles[orbit[0]]]) for member in members)
+                          for el in elements] for orbit in orbits])
+        cost *= np.array(sizes)[:, None] / sum(sizes)
+        for assignment, distance in best_decorations(sizes, cost, counts, DECORATIONS_PER_FRAMEWORK + 1):
+            new_roles = tuple(sorted((counts[e], "".join(sorted(w for w, a in zip(letters, assignment) if a == e)))
+                                     for e in range(len(elements))))
+            if (proto.space_group, new_roles) in known:  # the framework's own sharing, or another known type
+                continue
+            species = [""] * len(roles)
+            for orbit, e in zip(orbits, assignment):
+                for site in orbit:
+                    species[site] = elements[e]
+            out.append(Decoration(proto, representative, tuple(species),
+                                  math.log(proto.count + 1.0) - CHEMISTRY_WEIGHT * distance))
+    out.sort(key=lambda d: -d.log_prior)
+    kept, per_framework = [], defaultdict(int)
+    for decoration in out:
+        if per_framework[id(decoration.prototype)] < DECORATIONS_PER_FRAMEWORK:
+            per_framework[id(decoration.prototype)] += 1
+            kept.append(decoration)
+    return tuple(kept)
+
+
 def prototype_structures(cell: Composition, n: int, skip: int = 0, volume_A3: float | None = None,
-                         leave_out_compound: bool = False, library_name: str = DEFAULT_LIBRARY) -> list[Structure]:
-    """Candidates ``skip`` to ``skip + n`` of :func:`ranked_substitutions` (fewer when the library runs out),
-    scaled to ``volume_A3`` (angstrom^3; default the composition prior of the cell). An assignment that gives the
+                         leave_out_compound: bool = False, library_name: str = DEFAULT_LIBRARY,
+                         redecorate: bool = True) -> list[Structure]:
+    """Candidates ``skip`` to ``skip + n`` of :func:`ranked_substitutions`, then (``redecorate``) of
+    :func:`redecorations` (fewer when both run out), scaled to ``volume_A3`` (angstrom^3; default the composition
+    prior of the cell). An assignment that gives the
     same crystal as a better-ranked one of the same type (rock salt with Na and Cl swapped is rock salt shifted by
     half a cell; a second representative of a cubic type) is skipped (pymatgen StructureMatcher). Each carries
     its place in that list as ``properties["prior_rank"]`` (0 = likeliest), which the solver's ranking uses."""
@@ -266,13 +433,18 @@ def prototype_structures(cell: Composition, n: int, skip: int = 0, volume_A3: fl
 
     volume = predicted_volume(cell) if volume_A3 is None else float(volume_A3)
     matcher = StructureMatcher()
-    kept: dict[int, list[Structure]] = defaultdict(list)  # type -> its crystals drawn so far
+    kept: dict[tuple, list[Structure]] = defaultdict(list)  # (source, type) -> its crystals drawn so far
     out: list[Structure] = []
-    for substitution in ranked_substitutions(cell, leave_out_compound, library_name):
+    def ranked():  # the re-decorations are only searched for once the substitutions run out
+        yield from ranked_substitutions(cell, leave_out_compound, library_name)
+        if redecorate:
+            yield from redecorations(cell, leave_out_compound, library_name)
+
+    for candidate in ranked():
         if len(out) == skip + n:
             break
-        structure = substitution.structure(volume)
-        same_type = kept[id(substitution.prototype)]
+        structure = candidate.structure(volume)
+        same_type = kept[(type(candidate), id(candidate.prototype))]
         if any(matcher.fit(structure, other) for other in same_type):
             continue
         same_type.append(structure)
@@ -281,11 +453,12 @@ def prototype_structures(cell: Composition, n: int, skip: int = 0, volume_A3: fl
     return out[skip:]
 
 
-def prototype_generator(fill=None, leave_out_compound: bool = False, library_name: str = DEFAULT_LIBRARY):
+def prototype_generator(fill=None, leave_out_compound: bool = False, library_name: str = DEFAULT_LIBRARY,
+                        redecorate: bool = True):
     """A solver :data:`~xtalsolve.solve.Generator`: the best-ranked substitutions not yet drawn (``skip``) from
-    the library ``library_name`` (:data:`LIBRARIES`), and, once it has no more for the cell, candidates from
-    ``fill`` (default random symmetric crystals, :func:`xtalsolve.symmetric.symmetric_generator`).
-    ``leave_out_compound``: see :func:`ranked_substitutions`."""
+    the library ``library_name`` (:data:`LIBRARIES`), then (``redecorate``) its re-decorated frameworks, and,
+    once those run out for the cell, candidates from ``fill`` (default random symmetric crystals,
+    :func:`xtalsolve.symmetric.symmetric_generator`). ``leave_out_compound``: see :func:`ranked_substitutions`."""
     from xtalsolve.symmetric import symmetric_generator
 
     check_library(library_name)
@@ -293,7 +466,7 @@ def prototype_generator(fill=None, leave_out_compound: bool = False, library_nam
 
     def generate(cell: Composition, n: int, seed: int, skip: int = 0) -> list[Structure]:
         drawn = prototype_structures(cell, skip + n, leave_out_compound=leave_out_compound,
-                                     library_name=library_name)
+                                     library_name=library_name, redecorate=redecorate)
         out = drawn[skip:]
         if len(out) < n:  # after every type of the library in the prior's order
             extra = list(fill(cell, n - len(out), seed, skip=max(0, skip - len(drawn))))
