@@ -74,7 +74,7 @@ def readable(path: Path):
 def main() -> None:
     from xtalsolve.physics.powder import CRYSTALLITE_SHAPES
     from xtalsolve.prototypes import LIBRARIES
-    from xtalsolve.solve import RANK_BY
+    from xtalsolve.solve import FIT_STRUCTURE, RANK_BY
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -92,6 +92,7 @@ def main() -> None:
                              "are made with D sinc^2(D Q / 2), the Laue function of a cube edge, and the "
                              "protocol states it as a user states the instrument's profile")
     parser.add_argument("--rank-by", default="auto", choices=RANK_BY)
+    parser.add_argument("--fit-structure", default="auto", choices=FIT_STRUCTURE)
     parser.add_argument("--ids", type=Path, default=None,
                         help="a file of material ids (JSON list or one per line): solve only these of the set; "
                              "the others' patterns are still drawn, so each pattern's noise is that of a full run")
@@ -160,7 +161,7 @@ def main() -> None:
                 out = RESULTS / f"{args.set}_runs{args.tag}" / f"{material}_D{size:g}_{arm}"
                 settings = SolveSettings(samples=args.samples, natoms=len(reference), seed=args.seed,
                                          size_hint_A=size, crystallite_shape=args.crystallite_shape,
-                                         rank_by=args.rank_by)
+                                         rank_by=args.rank_by, fit_structure=args.fit_structure)
                 try:
                     summary = solve(pattern, reference.composition.reduced_formula, generate, out, settings)
                     # refined candidates by priced Rwp, then the other fitted ones by their priced fit residual
@@ -195,6 +196,7 @@ def main() -> None:
     (RESULTS / f"{results_name}{args.tag}.json").write_text(json.dumps(
         {"set": args.set, "checkpoint": str(args.checkpoint), "samples": args.samples, "candidates": args.candidates,
          "steps": args.steps, "crystallite_shape": args.crystallite_shape, "rank_by": args.rank_by,
+         "fit_structure": args.fit_structure,
          "library": args.library, "redecorate": not args.no_redecorate,
          "ids": sorted(only) if only is not None else None, "table": table},
         indent=2))

@@ -178,3 +178,44 @@ def test_overlapping_atoms_are_implausible():
     assert not contact_check(collapsed)[1]
     water_like = Structure(Lattice.cubic(6.0), ["O", "H"], [[0, 0, 0], [0.16, 0, 0]])  # O-H 0.96 A
     assert contact_check(water_like)[1]
+
+
+def test_volume_fit_keeps_the_drawn_geometry_for_patterns_too_broad_to_fit_it(tmp_path, rutile_pattern):
+    """fit_structure "volume": the screening fit and the refinement scale the cell and keep its shape and the
+    atoms, so a rutile candidate drawn 10 % small in volume with c/a = 0.66 and x = 0.29 keeps the two and is
+    scaled to the data's volume, while "full" moves them to the data's 0.644 and 0.3048; "auto" chooses
+    "volume" only when a given crystallite size leaves the pattern fewer independent observations than the
+    ranking threshold."""
+    from xtalsolve.solve import pattern_loss, structure_fit
+
+    truth, pattern = rutile_pattern
+    start = Structure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.40, 2.904), ["Ti", "O"],
+                                      [[0, 0, 0], [0.29, 0.29, 0]])
+
+    def generate(cell, n, seed, skip=0):
+        return [start.copy() for _ in range(n)]
+
+    def refined(summary, out) -> tuple[float, float, float]:
+        """c/a, oxygen x and volume (A^3) of the rank-1 refined crystal."""
+        crystal = Structure.from_file(out / summary["candidates"][0]["cif"])
+        x = max(site.frac_coords[0] % 0.5 for site in crystal if site.specie.symbol == "O")
+        return crystal.lattice.c / crystal.lattice.a, x, crystal.volume
+
+    base = SolveSettings(samples=1, natoms=6, refine_max_nfev=8, refine_top=1)
+    held = solve(pattern, "TiO2", generate, tmp_path / "held", replace(base, fit_structure="volume"))
+    free = solve(pattern, "TiO2", generate, tmp_path / "free", replace(base, fit_structure="full"))
+    assert held["ranking"]["structure_fit"] == "volume" and free["ranking"]["structure_fit"] == "full"
+    c_over_a, x, volume = refined(held, tmp_path / "held")
+    assert c_over_a == pytest.approx(0.66, abs=1e-6) and x == pytest.approx(0.29, abs=1e-4)
+    assert volume == pytest.approx(truth.volume, rel=0.03)  # the scaling is fitted
+    c_over_a, x, _ = refined(free, tmp_path / "free")
+    assert c_over_a == pytest.approx(2.959 / 4.594, abs=0.005) and x == pytest.approx(0.3048, abs=0.005)
+    assert free["candidates"][0]["rwp"] < held["candidates"][0]["rwp"]
+
+    loss = pattern_loss(pattern)  # 20-75 degrees Cu Ka: 1.4-4.8 1/A
+    assert structure_fit(SolveSettings(size_hint_A=10.0), loss) == "volume"  # ~11 observations
+    assert structure_fit(SolveSettings(size_hint_A=150.0), loss) == "full"
+    assert structure_fit(SolveSettings(), loss) == "full"  # no size given: the full fit
+    assert structure_fit(SolveSettings(size_hint_A=10.0, fit_structure="full"), loss) == "full"
+    with pytest.raises(XtalsolveError, match="unknown structure fit"):
+        SolveSettings(fit_structure="sometimes")

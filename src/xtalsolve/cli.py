@@ -554,6 +554,11 @@ def solve(
                                          "(the restrained fit every candidate gets: fixed instrument, size and "
                                          "displacement) or auto (rwp when the pattern has enough independent "
                                          "observations, fit for very broad patterns).")] = "auto",
+    fit_structure: Annotated[str, typer.Option("--fit-structure", help="What the fit and the refinement change "
+                                               "in a candidate: full (cell and coordinates), volume (an isotropic "
+                                               "scaling; shape and coordinates kept) or auto (volume when "
+                                               "--size-hint leaves too few independent observations, as for 10 A "
+                                               "crystallites).")] = "auto",
     shape: ShapeOpt = "lorentzian",
     library: Annotated[str, typer.Option("--library", help="Prototype library: extended (the types of mp20_train, "
                                          "then further types of MP-20 val/test, MPTS-52, MP-40, AFLOW, WBM and "
@@ -565,13 +570,13 @@ def solve(
     data = load_pattern_option(pattern, wavelength, radiation, x_unit)
     _solve_and_report(data, formula, out, checkpoint, samples=samples, seed=seed, size_hint=size_hint, natoms=natoms,
                       steps=steps, guided=not no_guidance, generator=generator, rank_by=rank_by, shape=shape,
-                      library=library)
+                      library=library, fit_structure=fit_structure)
 
 
 def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *, samples: int, seed: int,
                       size_hint: float | None, natoms: int | None, steps: int, guided: bool,
                       generator: str = "prototype", rank_by: str = "auto", shape: str = "lorentzian",
-                      library: str = "extended") -> dict:
+                      library: str = "extended", fit_structure: str = "auto") -> dict:
     """Run the solver on a loaded pattern with a progress log on stderr and a one-line result on stdout."""
     import torch
     from rich.console import Console
@@ -587,7 +592,7 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
         raise XtalsolveError("no such checkpoint (train one with `xtalsolve train --config configs/small_cpu.json`)",
                              checkpoint)
     settings = SolveSettings(samples=samples, seed=seed, natoms=natoms, size_hint_A=size_hint, rank_by=rank_by,
-                             crystallite_shape=shape)  # an unknown --rank-by or shape fails here, before any work
+                             crystallite_shape=shape, fit_structure=fit_structure)  # bad values fail here
     check_library(library)
     torch.set_num_threads(1)  # small batches: one thread is as fast and leaves the other cores free
     generate = make_generator(generator, checkpoint, data, steps, guided, size_hint_A=size_hint, library=library)

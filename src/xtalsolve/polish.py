@@ -38,6 +38,9 @@ class PolishSettings:
     onto its neighbour), and a candidate drawn with a prior volume is often a few percent off, outside the basin
     that gradient descent can find. 0 starts: no prescan.
 
+    ``isotropic``: the cell keeps its shape and is only scaled (prescan and descent): for patterns too broad to
+    fix a cell's shape (see ``SolveSettings.fit_structure``).
+
     ``lr_strain`` is small because the prescan has already placed the cell within about one grid step (1 % in
     length): Adam moves each parameter by about its learning rate per step whatever the gradient, and 0.01 threw
     a correctly placed cell out of the narrow minimum of a sharp measured pattern (MnS rock salt, lab Cu Kalpha:
@@ -54,6 +57,7 @@ class PolishSettings:
     prescan_starts: int = 48
     prescan_scale: float = 0.12
     prescan_blur: float = 0.1
+    isotropic: bool = False
 
 
 def _symmetric(params: torch.Tensor) -> torch.Tensor:
@@ -184,6 +188,9 @@ def polish_batch(batch: CrystalBatch, loss: PatternLoss, settings: PolishSetting
     own_size = loss.size is None
     bsz, n_sites = batch.numbers.shape
     symmetry = symmetry or SymmetryProjectors.identity(bsz, n_sites)
+    if settings.isotropic:  # strain parameters projected onto a uniform scaling of the cell
+        iso = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+        symmetry = SymmetryProjectors(torch.outer(iso, iso).div(3.0).expand(bsz, 6, 6), symmetry.shift)
     blur_start = settings.blur_start
     if settings.prescan_starts > 0:
         start = prescan_strain(batch, loss, symmetry, settings)
