@@ -227,14 +227,22 @@ class Substitution:
     def structure(self, volume_A3: float) -> Structure:
         """The representative cell with the elements renamed, scaled to ``volume_A3`` (angstrom^3); its
         ``properties["origin"]`` names the type and the crystal the cell comes from."""
-        rep = self.prototype.representatives[self.representative]
-        structure = Structure(Lattice(rep["lattice"]), [self.elements[r] for r in rep["roles"]], rep["frac"])
-        structure.scale_lattice(volume_A3)
-        compound = Composition(dict(zip(rep["elements"], (n for n, _ in self.prototype.roles)))).reduced_formula
-        source = f"{compound} {rep['id']}" if "id" in rep else compound
-        structure.properties["origin"] = (f"prototype: space group {self.prototype.space_group} type of {source} "
-                                          f"({self.prototype.count} crystals in the library)")
-        return structure
+        species = [self.elements[r] for r in self.prototype.representatives[self.representative]["roles"]]
+        return _representative_cell(self.prototype, self.representative, species, volume_A3, "prototype",
+                                    f"({self.prototype.count} crystals in the library)")
+
+
+def _representative_cell(proto: Prototype, representative: int, species: Sequence[str], volume_A3: float,
+                         kind: str, note: str) -> Structure:
+    """Representative ``representative`` of ``proto`` with ``species`` on its sites, scaled to ``volume_A3``
+    (angstrom^3), its ``properties["origin"]`` "<kind>: space group N type of <compound> <id> <note>"."""
+    rep = proto.representatives[representative]
+    structure = Structure(Lattice(rep["lattice"]), list(species), rep["frac"])
+    structure.scale_lattice(volume_A3)
+    compound = Composition(dict(zip(rep["elements"], (n for n, _ in proto.roles)))).reduced_formula
+    source = f"{compound} {rep['id']}" if "id" in rep else compound
+    structure.properties["origin"] = f"{kind}: space group {proto.space_group} type of {source} {note}"
+    return structure
 
 
 def _same_compound(cell: Composition, proto: Prototype, elements: Sequence[str]) -> bool:
@@ -282,14 +290,8 @@ class Decoration:
     def structure(self, volume_A3: float) -> Structure:
         """The re-decorated representative cell scaled to ``volume_A3`` (angstrom^3); its
         ``properties["origin"]`` names the framework and the crystal the cell comes from."""
-        rep = self.prototype.representatives[self.representative]
-        structure = Structure(Lattice(rep["lattice"]), list(self.species), rep["frac"])
-        structure.scale_lattice(volume_A3)
-        compound = Composition(dict(zip(rep["elements"], (n for n, _ in self.prototype.roles)))).reduced_formula
-        source = f"{compound} {rep['id']}" if "id" in rep else compound
-        structure.properties["origin"] = (f"re-decorated framework: space group {self.prototype.space_group} "
-                                          f"type of {source} with its orbits shared out anew")
-        return structure
+        return _representative_cell(self.prototype, self.representative, self.species, volume_A3,
+                                    "re-decorated framework", "with its orbits shared out anew")
 
 
 def framework_orbits(proto: Prototype, representative: int = 0) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]:
