@@ -32,8 +32,9 @@ is how many this run has already drawn for that cell (a generator with a ranked 
 
 
 RANK_BY = ("auto", "rwp", "fit")
-FIT_STRUCTURE = ("auto", "full", "volume")
 """Orders of the refined candidates (:class:`SolveSettings` ``rank_by``)."""
+FIT_STRUCTURE = ("auto", "full", "volume")
+"""What the fit and the refinement may change in a candidate (:class:`SolveSettings` ``fit_structure``)."""
 
 
 @dataclass(frozen=True)
@@ -263,8 +264,9 @@ def refine_candidate(pattern: Pattern, structure: Structure, instrument, setting
     """Rietveld refinement of one screened candidate, symmetry found at ``settings.symprec`` (angstrom); then, as
     a crystallographer checks for missed symmetry, the refined crystal is searched again (at the tolerances
     ``RAISE_SYMPREC``) and re-refined in the higher group when one is found and fits as well (within 2 % of
-    Rwp). ``fit`` "volume": no lattice and no positions stage (see ``SolveSettings.fit_structure``). Raises :class:`CandidateAbandoned` when the Rwp after the profile stage exceeds
-    ``settings.abandon_factor * best_rwp``."""
+    Rwp). ``fit`` "volume": no lattice and no positions stage (see ``SolveSettings.fit_structure``). Raises
+    :class:`CandidateAbandoned` when the Rwp after the profile stage exceeds ``settings.abandon_factor *
+    best_rwp``."""
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
     from xtalsolve.refine import refine
