@@ -20,6 +20,7 @@ from xtalsolve.prototypes import (
     check_library,
     library,
     best_decorations,
+    framework_orbits,
     prototype_generator,
     prototype_structures,
     ranked_substitutions,
@@ -218,6 +219,8 @@ def test_redecoration_reaches_a_type_the_library_lacks(tmp_path):
     cation orbits (1a + 1b) and X on 3c; the framework's own sharing (ABX3) is a substitution, not offered
     again; the generator draws the re-decoration before its random fill."""
     own = _perovskite_library(tmp_path / "own.json.gz")
+    orbits, letters = framework_orbits(library(own)[(5, (1, 1, 3))][0])
+    assert sorted(zip(letters, map(len, orbits))) == [("a", 1), ("b", 1), ("c", 3)]
     cell = Composition("Nb2O3")
     assert ranked_substitutions(cell, library_name=own) == ()
     decorations = redecorations(cell, library_name=own)

@@ -299,31 +299,23 @@ def framework_orbits(proto: Prototype, representative: int = 0) -> tuple[tuple[t
     at 0.1 angstrom as for the types, the sites told apart by their role) and the Wyckoff letter of each."""
     import spglib
 
-    key = (id(proto), representative)
-    if key not in _ORBITS:
-        rep = proto.representatives[representative]
-        quiet, os.environ["SPGLIB_WARNING"] = os.environ.get("SPGLIB_WARNING"), "OFF"  # no C-level chatter
-        try:
-            data = spglib.get_symmetry_dataset((np.asarray(rep["lattice"]), np.asarray(rep["frac"]),
-                                                np.asarray(rep["roles"]) + 1), symprec=0.1)
-        finally:
-            if quiet is None:
-                os.environ.pop("SPGLIB_WARNING", None)
-            else:
-                os.environ["SPGLIB_WARNING"] = quiet
-        if data is None:  # spglib fails on a few odd cells: then every site is its own orbit
-            _ORBITS[key] = (tuple((i,) for i in range(len(rep["roles"]))), ("?",) * len(rep["roles"]))
+    rep = proto.representatives[representative]
+    quiet, os.environ["SPGLIB_WARNING"] = os.environ.get("SPGLIB_WARNING"), "OFF"  # no C-level chatter
+    try:
+        data = spglib.get_symmetry_dataset((np.asarray(rep["lattice"]), np.asarray(rep["frac"]),
+                                            np.asarray(rep["roles"]) + 1), symprec=0.1)
+    finally:
+        if quiet is None:
+            os.environ.pop("SPGLIB_WARNING", None)
         else:
-            members: dict[int, list[int]] = defaultdict(list)
-            for site, orbit in enumerate(data.equivalent_atoms):
-                members[int(orbit)].append(site)
-            orbits = tuple(tuple(v) for v in members.values())
-            _ORBITS[key] = (orbits, tuple(data.wyckoffs[o[0]] for o in orbits))
-    return _ORBITS[key]
-
-
-_ORBITS: dict[tuple[int, int], tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]] = {}  # library types live
-# as long as the process (lru-cached), so their id() is a stable key
+            os.environ["SPGLIB_WARNING"] = quiet
+    if data is None:  # spglib fails on a few odd cells: then every site is its own orbit
+        return tuple((i,) for i in range(len(rep["roles"]))), ("?",) * len(rep["roles"])
+    members: dict[int, list[int]] = defaultdict(list)
+    for site, orbit in enumerate(data.equivalent_atoms):
+        members[int(orbit)].append(site)
+    orbits = tuple(tuple(v) for v in members.values())
+    return orbits, tuple(data.wyckoffs[o[0]] for o in orbits)
 
 
 def best_decorations(sizes: Sequence[int], cost: np.ndarray, counts: Sequence[int], k: int,
@@ -363,14 +355,17 @@ def best_decorations(sizes: Sequence[int], cost: np.ndarray, counts: Sequence[in
 
 
 @lru_cache(maxsize=4)
-def _types_by_size(library_name: str) -> tuple[dict[int, list[Prototype]], frozenset]:
+def _types_by_size(library_name: str) -> tuple[dict[int, list[Prototype]], frozenset, dict]:
+    """A library's types by atom count, its (space group, sorted roles) set, and a cache of framework orbits
+    filled as they are needed, keyed by (id of type, representative): the types are held by this same cached
+    entry, so their ids are not reused while it lives."""
     by_size: dict[int, list[Prototype]] = defaultdict(list)
     known = set()
     for protos in library(library_name).values():
         for proto in protos:
             by_size[proto.n_atoms].append(proto)
             known.add((proto.space_group, tuple(sorted(proto.roles))))
-    return dict(by_size), frozenset(known)
+    return dict(by_size), frozenset(known), {}
 
 
 @lru_cache(maxsize=64)
@@ -385,7 +380,7 @@ def redecorations(cell: Composition, leave_out_compound: bool = False, library_n
     :func:`ranked_substitutions` (no cell or member of this very composition)."""
     elements = [el.symbol for el in cell]
     counts = [int(round(cell[el])) for el in cell]
-    by_size, known = _types_by_size(library_name)
+    by_size, known, orbit_cache = _types_by_size(library_name)
     out = []
     for proto in by_size.get(sum(counts), []):
         members, reps = proto.members, range(len(proto.representatives))
@@ -395,7 +390,10 @@ def redecorations(cell: Composition, leave_out_compound: bool = False, library_n
             if not members or not reps:
                 continue
         representative = reps[0]
-        orbits, letters = framework_orbits(proto, representative)
+        key = (id(proto), representative)
+        if key not in orbit_cache:
+            orbit_cache[key] = framework_orbits(proto, representative)
+        orbits, letters = orbit_cache[key]
         roles = proto.representatives[representative]["roles"]
         sizes = [len(orbit) for orbit in orbits]
         # each orbit's cost of each element: distance to the closest element members put on its role
