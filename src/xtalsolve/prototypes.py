@@ -249,6 +249,17 @@ def _same_compound(cell: Composition, proto: Prototype, elements: Sequence[str])
     return Composition({el: n for el, (n, _) in zip(elements, proto.roles)}) == cell
 
 
+def _usable(cell: Composition, proto: Prototype, leave_out_compound: bool
+            ) -> tuple[tuple[tuple[str, ...], ...], list[int]]:
+    """The member element tuples and representative indices of ``proto`` to use for ``cell``: all, or with
+    ``leave_out_compound`` those not of ``cell``'s own composition (either may then be empty)."""
+    reps = list(range(len(proto.representatives)))
+    if not leave_out_compound:
+        return proto.members, reps
+    return (tuple(m for m in proto.members if not _same_compound(cell, proto, m)),
+            [k for k in reps if not _same_compound(cell, proto, proto.representatives[k]["elements"])])
+
+
 @lru_cache(maxsize=64)  # the solver asks again for each round of Z trials
 def ranked_substitutions(cell: Composition, leave_out_compound: bool = False, library_name: str = DEFAULT_LIBRARY
                          ) -> tuple[Substitution, ...]:
@@ -262,12 +273,9 @@ def ranked_substitutions(cell: Composition, leave_out_compound: bool = False, li
     looking up; a type known only from this compound drops out. ``library_name``: see :data:`LIBRARIES`."""
     out = []
     for proto in library(library_name).get(signature(cell), []):
-        members, reps = proto.members, range(len(proto.representatives))
-        if leave_out_compound:
-            members = tuple(m for m in members if not _same_compound(cell, proto, m))
-            reps = [k for k in reps if not _same_compound(cell, proto, proto.representatives[k]["elements"])]
-            if not members or not reps:
-                continue
+        members, reps = _usable(cell, proto, leave_out_compound)
+        if not members or not reps:
+            continue
         for elements, distance in assignments(cell, proto, members):
             base = math.log(proto.count + 1.0) - CHEMISTRY_WEIGHT * distance
             for rank, k in enumerate(reps):
@@ -383,12 +391,9 @@ def redecorations(cell: Composition, leave_out_compound: bool = False, library_n
     by_size, known, orbit_cache = _types_by_size(library_name)
     out = []
     for proto in by_size.get(sum(counts), []):
-        members, reps = proto.members, range(len(proto.representatives))
-        if leave_out_compound:
-            members = tuple(m for m in members if not _same_compound(cell, proto, m))
-            reps = [k for k in reps if not _same_compound(cell, proto, proto.representatives[k]["elements"])]
-            if not members or not reps:
-                continue
+        members, reps = _usable(cell, proto, leave_out_compound)
+        if not members or not reps:
+            continue
         representative = reps[0]
         key = (id(proto), representative)
         if key not in orbit_cache:
@@ -400,7 +405,10 @@ def redecorations(cell: Composition, leave_out_compound: bool = False, library_n
         cost = np.array([[min(element_distance(el, member[roles[orbit[0]]]) for member in members)
                           for el in elements] for orbit in orbits])
         cost *= np.array(sizes)[:, None] / sum(sizes)
+        kept = 0
         for assignment, distance in best_decorations(sizes, cost, counts, DECORATIONS_PER_FRAMEWORK + 1):
+            if kept == DECORATIONS_PER_FRAMEWORK:  # cheapest first: the rest are further away
+                break
             new_roles = tuple(sorted((counts[e], "".join(sorted(w for w, a in zip(letters, assignment) if a == e)))
                                      for e in range(len(elements))))
             if (proto.space_group, new_roles) in known:  # the framework's own sharing, or another known type
@@ -411,13 +419,9 @@ def redecorations(cell: Composition, leave_out_compound: bool = False, library_n
                     species[site] = elements[e]
             out.append(Decoration(proto, representative, tuple(species),
                                   math.log(proto.count + 1.0) - CHEMISTRY_WEIGHT * distance))
+            kept += 1
     out.sort(key=lambda d: -d.log_prior)
-    kept, per_framework = [], defaultdict(int)
-    for decoration in out:
-        if per_framework[id(decoration.prototype)] < DECORATIONS_PER_FRAMEWORK:
-            per_framework[id(decoration.prototype)] += 1
-            kept.append(decoration)
-    return tuple(kept)
+    return tuple(out)
 
 
 def prototype_structures(cell: Composition, n: int, skip: int = 0, volume_A3: float | None = None,
@@ -435,6 +439,7 @@ def prototype_structures(cell: Composition, n: int, skip: int = 0, volume_A3: fl
     matcher = StructureMatcher()
     kept: dict[tuple, list[Structure]] = defaultdict(list)  # (source, type) -> its crystals drawn so far
     out: list[Structure] = []
+
     def ranked():  # the re-decorations are only searched for once the substitutions run out
         yield from ranked_substitutions(cell, leave_out_compound, library_name)
         if redecorate:
