@@ -60,6 +60,10 @@ class PolishSettings:
     isotropic: bool = False
 
 
+_ISOTROPIC = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+"""The strain parameters (Voigt order) of a uniform scaling of the cell."""
+
+
 def _symmetric(params: torch.Tensor) -> torch.Tensor:
     """(B, 6) -> (B, 3, 3) symmetric strain (xx, yy, zz, yz, xz, xy)."""
     xx, yy, zz, yz, xz, xy = params.unbind(-1)
@@ -153,7 +157,7 @@ def prescan_strain(batch: CrystalBatch, loss: PatternLoss, symmetry: SymmetryPro
     gen = torch.Generator().manual_seed(seed)
     n_grid = k // 2
     scales = torch.linspace(-settings.prescan_scale, settings.prescan_scale, max(n_grid, 1), dtype=torch.float64)
-    iso = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    iso = _ISOTROPIC
     grid_starts = (torch.exp(scales) - 1.0)[:, None] * iso  # (G, 6)
     random = torch.randn(bsz, k - n_grid, 6, generator=gen, dtype=torch.float64) * (settings.prescan_scale / 2)
     random = torch.einsum("bij,bkj->bki", symmetry.strain, random)
@@ -189,8 +193,8 @@ def polish_batch(batch: CrystalBatch, loss: PatternLoss, settings: PolishSetting
     bsz, n_sites = batch.numbers.shape
     symmetry = symmetry or SymmetryProjectors.identity(bsz, n_sites)
     if settings.isotropic:  # strain parameters projected onto a uniform scaling of the cell
-        iso = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
-        symmetry = SymmetryProjectors(torch.outer(iso, iso).div(3.0).expand(bsz, 6, 6), symmetry.shift)
+        symmetry = SymmetryProjectors(torch.outer(_ISOTROPIC, _ISOTROPIC).div(3.0).expand(bsz, 6, 6),
+                                      symmetry.shift)
     blur_start = settings.blur_start
     if settings.prescan_starts > 0:
         start = prescan_strain(batch, loss, symmetry, settings)
