@@ -12,6 +12,8 @@ from pymatgen.core.operations import SymmOp
 from xtalsolve.refine.parameters import format_esd
 from xtalsolve.refine.recipe import PhaseResult, RefinementResult
 
+COORDINATE_DECIMALS = 5  # rounding error <= 5e-6, within pymatgen's CIF site tolerance (1e-4) after symmetry
+
 
 def cif_text(result: RefinementResult, name: str = "refined", phase: PhaseResult | None = None) -> str:
     """CIF of a refined phase (default: the first): space group with its operations, cell and independent sites
@@ -42,7 +44,10 @@ def cif_text(result: RefinementResult, name: str = "refined", phase: PhaseResult
               "_atom_site_fract_z", "_atom_site_occupancy", "_atom_site_B_iso_or_equiv"]
     if phase.sites:
         for site in phase.sites:
-            coords = [format_esd(v % 1.0, e if e > 1e-12 else None, min_decimals=4) for v, e in zip(site["frac"], site["frac_esd"])]
+            # five decimals at least, whatever the esd: a site on a special position such as (x, 2x, z) written
+            # as 0.1666(4), 0.3331(8) is no longer on it, and readers expand it into extra atoms
+            coords = [format_esd(v % 1.0, e if e > 1e-12 else None, min_decimals=COORDINATE_DECIMALS)
+                      for v, e in zip(site["frac"], site["frac_esd"])]
             biso = format_esd(site["biso"], site["biso_esd"]) if site["biso"] is not None else "0.5"
             for k, (species, occ) in enumerate(site["species"].items()):
                 label = site["label"] if k == 0 else f"{site['label']}_{k}"
