@@ -215,7 +215,30 @@ def test_volume_fit_keeps_the_drawn_geometry_for_patterns_too_broad_to_fit_it(tm
     loss = pattern_loss(pattern)  # 20-75 degrees Cu Ka: 1.4-4.8 1/A
     assert structure_fit(SolveSettings(size_hint_A=10.0), loss) == "volume"  # ~11 observations
     assert structure_fit(SolveSettings(size_hint_A=150.0), loss) == "full"
-    assert structure_fit(SolveSettings(), loss) == "full"  # no size given: the full fit
+    assert structure_fit(SolveSettings(), loss) == "full"  # no size given: estimated from the pattern
     assert structure_fit(SolveSettings(size_hint_A=10.0, fit_structure="full"), loss) == "full"
     with pytest.raises(XtalsolveError, match="unknown structure fit"):
         SolveSettings(fit_structure="sometimes")
+
+
+@pytest.mark.parametrize("size", [10.0, 30.0, 100.0])
+def test_coherence_length_estimates_crystallite_size_and_chooses_the_fit(size):
+    """Without a size hint "auto" must still give 10 A crystallites the volume fit: the pattern's own
+    coherence length (no structure used) comes out within a factor 1.6 of the true size of anatase-like
+    TiO2 cubes on a wide lab Q range, and decides the fit as the given size would."""
+    from xtalsolve.solve import coherence_length, estimated_size, pattern_loss, structure_fit
+
+    truth = Structure.from_spacegroup("I4_1/amd", Lattice.tetragonal(3.785, 9.514), ["Ti", "O"],
+                                      [[0, 0.75, 0.125], [0, 0.75, 0.3333]])
+    grid, unit = make_grid((10.0, 140.0, 0.02))
+    y = simulate_powder([truth], instrument=Instrument(wavelength=1.5406), two_theta=(10.0, 140.0, 0.02), size=size,
+                        biso=0.5)[0]
+    y = 1e4 * y / y.max() + 30.0
+    pattern = Pattern(grid, y, np.sqrt(y), unit, 1.5406, "anatase-simulated")
+    loss = pattern_loss(pattern)
+    estimate = estimated_size(loss)
+    assert size / 1.6 < estimate < size * 1.6
+    assert structure_fit(SolveSettings(), loss) == structure_fit(SolveSettings(size_hint_A=size), loss)
+    assert structure_fit(SolveSettings(), loss) == ("volume" if size == 10.0 else "full")
+    q = np.linspace(0.5, 8.0, 600)  # one damped sine in Q: a single pair distance of 3 A, nothing beyond
+    assert coherence_length(q, 1.0 + np.sin(3.0 * q) / (3.0 * q)) < 10.0
