@@ -32,16 +32,24 @@ class PolishSettings:
     ``lattice_only`` fraction moves the cell only: peak positions depend on the cell alone, and coordinates
     moved to compensate a wrong cell end in a false minimum.
 
-    Before the descent, ``prescan_starts`` cells per crystal are tried without gradients (blurred by
-    ``prescan_blur``): isotropic scalings of up to +-``prescan_scale`` in length and random strains in the
-    crystal's allowed subspace; the best is the start. A powder fit of the cell is multimodal (a peak can lock
-    onto its neighbour), and a candidate drawn with a prior volume is often a few percent off, outside the basin
-    that gradient descent can find. 0 starts: no prescan.
+    Before the descent, trial cells are tried without gradients, in two stages: the cell as drawn,
+    ``prescan_scalings`` isotropic scalings evenly spaced up to +-``prescan_scale`` in length (a drawn cell is
+    mostly off in volume: these keep the shape of a nearly right one) and ``prescan_starts`` strains drawn
+    uniformly in a box of half-width ``prescan_span`` (orthonormal coordinates of the crystal's allowed strain
+    subspace), compared at blur ``prescan_blurs[0]``; then around each of the
+    ``prescan_keep`` best, ``prescan_local_starts`` Gaussian steps of ``prescan_local_scale``, compared at
+    ``prescan_blurs[1]``; the best is the start. A powder fit of the cell is multimodal (a peak can lock onto its
+    neighbour), and a prototype's cell is not the compound's: its axes can be 20 % off in opposite directions
+    (FeAs2 from the Rb2O type of Pnnm: a -20 %, c +9 %; ZnGaPS from NaCNO's R3m: c +17 %), far outside the basin
+    that gradient descent can find, and out of reach of the earlier prescan (isotropic scalings of +-12 % and
+    random strains of 6 %), which left the right type of 10 of the 26 PXRDnet materials missed at 100 A with a
+    wrong cell. No scalings and no starts: no prescan. The descent then starts at a blur no coarser than ``prescan_blur``;
+    ``max_strain`` bounds every strain component throughout.
 
     ``isotropic``: the cell keeps its shape and is only scaled (prescan and descent): for patterns too broad to
     fix a cell's shape (see ``SolveSettings.fit_structure``).
 
-    ``lr_strain`` is small because the prescan has already placed the cell within about one grid step (1 % in
+    ``lr_strain`` is small because the prescan has already placed the cell within about a local step (2 % in
     length): Adam moves each parameter by about its learning rate per step whatever the gradient, and 0.01 threw
     a correctly placed cell out of the narrow minimum of a sharp measured pattern (MnS rock salt, lab Cu Kalpha:
     the minimum is +-0.5 % in a wide; the fitted a ended 7 % off and the true structure type ranked last)."""
@@ -52,10 +60,16 @@ class PolishSettings:
     blur_start: float = 0.3
     sharp_from: float = 0.7
     lattice_only: float = 0.4
-    max_strain: float = 0.25
+    max_strain: float = 0.4
     refit_size_at: tuple[float, ...] = (0.0, 0.5)
-    prescan_starts: int = 48
+    prescan_scalings: int = 24
     prescan_scale: float = 0.12
+    prescan_starts: int = 72
+    prescan_span: float = 0.25
+    prescan_keep: int = 4
+    prescan_local_starts: int = 8
+    prescan_local_scale: float = 0.02
+    prescan_blurs: tuple[float, float] = (0.15, 0.07)
     prescan_blur: float = 0.1
     isotropic: bool = False
 
@@ -146,40 +160,52 @@ def free_parameters(structure: Structure, symprec: float = 0.01) -> int:
     return int(np.linalg.matrix_rank(strain, tol=1e-6) + np.linalg.matrix_rank(shift, tol=1e-6))
 
 
+def _trial_residuals(batch: CrystalBatch, loss: PatternLoss, strains: torch.Tensor, size: torch.Tensor, blur: float,
+                     max_strain: float) -> torch.Tensor:
+    """Residuals (B, K) of every crystal of ``batch`` under each of its K trial strains (B, K, 6), no gradients;
+    evaluated in chunks of about 512 crystals (memory)."""
+    bsz, k = strains.shape[:2]
+    residuals = torch.empty(bsz, k, dtype=torch.float64)
+    chunk = max(1, 512 // bsz)
+    for lo in range(0, k, chunk):
+        part = strains[:, lo:lo + chunk]
+        c = part.shape[1]
+        deform = torch.eye(3, dtype=torch.float64) + _symmetric(part.clamp(-max_strain, max_strain))
+        trial = CrystalBatch((batch.lattice[:, None] @ deform).reshape(-1, 3, 3), batch.frac.repeat_interleave(c, 0),
+                             batch.numbers.repeat_interleave(c, 0), batch.occupancy.repeat_interleave(c, 0))
+        value = loss.residual(trial, size=size.repeat_interleave(c), blur=blur)
+        residuals[:, lo:lo + c] = torch.nan_to_num(value, nan=np.inf).reshape(bsz, c)
+    return residuals
+
+
 def prescan_strain(batch: CrystalBatch, loss: PatternLoss, symmetry: SymmetryProjectors,
                    settings: PolishSettings, seed: int = 0) -> torch.Tensor:
-    """Starting strain parameters (B, 6): per crystal the best of ``settings.prescan_starts`` trial cells by the
-    blurred residual (the first half isotropic scalings on an even grid, the rest random strains in the allowed
-    subspace plus a random scaling), no gradients. The crystallite size is fitted once per crystal first when
-    ``loss`` has none."""
+    """Starting strain parameters (B, 6): per crystal the best trial cell of the two-stage search described in
+    :class:`PolishSettings` (a wide uniform box, then local steps around the best few), no gradients. The
+    crystallite size is fitted once per crystal first when ``loss`` has none."""
     bsz = len(batch)
-    k = settings.prescan_starts
     gen = torch.Generator().manual_seed(seed)
-    n_grid = k // 2
-    scales = torch.linspace(-settings.prescan_scale, settings.prescan_scale, max(n_grid, 1), dtype=torch.float64)
-    iso = _ISOTROPIC
-    grid_starts = (torch.exp(scales) - 1.0)[:, None] * iso  # (G, 6)
-    random = torch.randn(bsz, k - n_grid, 6, generator=gen, dtype=torch.float64) * (settings.prescan_scale / 2)
-    random = torch.einsum("bij,bkj->bki", symmetry.strain, random)
-    random = random + (torch.rand(bsz, k - n_grid, 1, generator=gen, dtype=torch.float64) * 2 - 1) \
-        * settings.prescan_scale * iso
-    starts = torch.cat([grid_starts.expand(bsz, -1, -1), random], 1)  # (B, K, 6)
+    basis, singular, _ = torch.linalg.svd(symmetry.strain)  # orthonormal basis of the allowed strains
+    basis = basis * (singular > 0.5).to(basis.dtype)[:, None, :]
+    scalings = torch.linspace(-settings.prescan_scale, settings.prescan_scale, settings.prescan_scalings,
+                              dtype=torch.float64)
+    isotropic = ((torch.exp(scalings) - 1.0)[:, None] * _ISOTROPIC).expand(bsz, -1, -1)  # the cell's shape kept
+    box = (torch.rand(bsz, settings.prescan_starts, 6, generator=gen, dtype=torch.float64) * 2 - 1) \
+        * settings.prescan_span
+    wide = torch.cat([isotropic, torch.einsum("bij,bkj->bki", basis, box)], 1)
+    wide[:, 0] = 0.0  # the cell as drawn
+    keep = min(settings.prescan_keep, wide.shape[1])
     with torch.no_grad():
         size = loss.size if loss.size is not None else fit_size(loss, batch)
         size = torch.as_tensor(size, dtype=torch.float64).reshape(-1).expand(bsz)
-        residuals = torch.empty(bsz, k, dtype=torch.float64)
-        chunk = max(1, 512 // bsz)
-        for lo in range(0, k, chunk):
-            part = starts[:, lo:lo + chunk]  # (B, C, 6)
-            c = part.shape[1]
-            deform = torch.eye(3, dtype=torch.float64) + _symmetric(part.clamp(-settings.max_strain,
-                                                                               settings.max_strain))
-            trial = CrystalBatch((batch.lattice[:, None] @ deform).reshape(-1, 3, 3),
-                                 batch.frac.repeat_interleave(c, 0), batch.numbers.repeat_interleave(c, 0),
-                                 batch.occupancy.repeat_interleave(c, 0))
-            value = loss.residual(trial, size=size.repeat_interleave(c), blur=settings.prescan_blur)
-            residuals[:, lo:lo + c] = torch.nan_to_num(value, nan=np.inf).reshape(bsz, c)
-    return starts[torch.arange(bsz), residuals.argmin(1)]
+        best = _trial_residuals(batch, loss, wide, size, settings.prescan_blurs[0], settings.max_strain)
+        centres = wide[torch.arange(bsz)[:, None], best.topk(keep, largest=False).indices]  # (B, keep, 6)
+        n_local = max(settings.prescan_local_starts, 1)
+        steps = torch.randn(bsz, keep * n_local, 6, generator=gen, dtype=torch.float64) * settings.prescan_local_scale
+        local = centres.repeat_interleave(n_local, 1) + torch.einsum("bij,bkj->bki", basis, steps)
+        local[:, ::n_local] = centres  # each kept cell itself
+        residuals = _trial_residuals(batch, loss, local, size, settings.prescan_blurs[1], settings.max_strain)
+    return local[torch.arange(bsz), residuals.argmin(1)]
 
 
 def polish_batch(batch: CrystalBatch, loss: PatternLoss, settings: PolishSettings = PolishSettings(),
@@ -196,7 +222,7 @@ def polish_batch(batch: CrystalBatch, loss: PatternLoss, settings: PolishSetting
         symmetry = SymmetryProjectors(torch.outer(_ISOTROPIC, _ISOTROPIC).div(3.0).expand(bsz, 6, 6),
                                       symmetry.shift)
     blur_start = settings.blur_start
-    if settings.prescan_starts > 0:
+    if settings.prescan_starts > 0 or settings.prescan_scalings > 0:
         start = prescan_strain(batch, loss, symmetry, settings)
         blur_start = min(blur_start, settings.prescan_blur)  # the prescan placed the cell: no coarser than it
     else:
