@@ -557,7 +557,8 @@ def solve(
     fit_structure: Annotated[str, typer.Option("--fit-structure", help="What the fit and the refinement change "
                                                "in a candidate: full (cell and coordinates), volume (an isotropic "
                                                "scaling; shape and coordinates kept) or auto (volume when "
-                                               "--size-hint leaves too few independent observations, as for 10 A "
+                                               "the crystallite size (--size-hint, else estimated from the "
+                                               "pattern) leaves too few independent observations, as for 10 A "
                                                "crystallites).")] = "auto",
     shape: ShapeOpt = "lorentzian",
     library: Annotated[str, typer.Option("--library", help="Prototype library: extended (the types of mp20_train, "
