@@ -43,8 +43,8 @@ class PolishSettings:
     (FeAs2 from the Rb2O type of Pnnm: a -20 %, c +9 %; ZnGaPS from NaCNO's R3m: c +17 %), far outside the basin
     that gradient descent can find, and out of reach of the earlier prescan (isotropic scalings of +-12 % and
     random strains of 6 %), which left the right type of 10 of the 26 PXRDnet materials missed at 100 A with a
-    wrong cell. No scalings and no starts: no prescan. The descent then starts at a blur no coarser than ``prescan_blur``;
-    ``max_strain`` bounds every strain component throughout.
+    wrong cell. No scalings and no starts: no prescan. The descent then starts at a blur no coarser than
+    ``prescan_blur``; ``max_strain`` bounds every strain component throughout.
 
     ``isotropic``: the cell keeps its shape and is only scaled (prescan and descent): for patterns too broad to
     fix a cell's shape (see ``SolveSettings.fit_structure``).
@@ -193,7 +193,7 @@ def prescan_strain(batch: CrystalBatch, loss: PatternLoss, symmetry: SymmetryPro
     box = (torch.rand(bsz, settings.prescan_starts, 6, generator=gen, dtype=torch.float64) * 2 - 1) \
         * settings.prescan_span
     wide = torch.cat([isotropic, torch.einsum("bij,bkj->bki", basis, box)], 1)
-    wide[:, 0] = 0.0  # the cell as drawn
+    wide[:, 0] = 0.0  # the cell as drawn, in place of the smallest scaling
     keep = min(settings.prescan_keep, wide.shape[1])
     with torch.no_grad():
         size = loss.size if loss.size is not None else fit_size(loss, batch)

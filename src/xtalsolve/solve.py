@@ -77,9 +77,10 @@ class SolveSettings:
     atom coordinates in its space group) or "volume" (an isotropic scaling of the cell; coordinates and cell
     shape kept as drawn, scale, background and profile fitted); "auto": "volume" when a crystallite size is
     given (``size_hint_A``, else estimated from the pattern's own coherence length, :func:`coherence_length`)
-    and the pattern then holds fewer than ``rwp_ranking_observations`` independent observations, else "full". The argument of the ranking basis again: with some 24 independent observations
-    (10 angstrom crystallites) a cell's shape and the coordinates fit the humps' details, and a prototype's
-    geometry, taken from a real crystal, is the better estimate. Measured on the PXRDnet protocol at 10 A:
+    and the pattern then holds fewer than ``rwp_ranking_observations`` independent observations, else "full".
+    The argument of the ranking basis again: with some 24 independent observations (10 angstrom crystallites)
+    a cell's shape and the coordinates fit the humps' details, and a prototype's geometry, taken from a real
+    crystal, is the better estimate. Measured on the PXRDnet protocol at 10 A:
     candidates that matched the truth as drawn (rms 0.01-0.05) no longer matched after the full fit, and ranked
     by the screening fit the strict matches came first far more often with the volume fit (docs/solver.md)."""
 
@@ -343,14 +344,14 @@ def coherence_length(q: np.ndarray, intensity: np.ndarray, floor: float = 0.1, r
     angstrom) falls below ``floor`` of its largest value, at most ``r_max``. Measured on PXRDnet-style patterns
     of 40 crystals (sinc-broadened cubes; docs/solver.md): 10 angstrom -> 10.5-14.2, 30 -> 22-32, 100 -> 60-85;
     an underestimate of large sizes, which matters only to tell very small crystallites from the rest."""
+    from scipy.ndimage import maximum_filter1d
+
     q = np.asarray(q, dtype=float)
     y = np.asarray(intensity, dtype=float)
     background = np.polynomial.polynomial.polyfit(q, y, 4)
     f = q * (y - np.polynomial.polynomial.polyval(q, background)) * np.hanning(len(q))
     r = np.arange(1.0, r_max, 0.25)
-    envelope = np.abs(np.sin(r[:, None] * q[None, :]) @ f)
-    window = 16  # 4 angstrom either side
-    envelope = np.array([envelope[max(0, i - window): i + window].max() for i in range(len(r))])
+    envelope = maximum_filter1d(np.abs(np.sin(r[:, None] * q[None, :]) @ f), size=32)  # 4 angstrom either side
     beyond = (r > 2.0) & (envelope < floor * envelope[r > 2.0].max())
     return float(r[beyond.argmax()]) if beyond.any() else float(r_max)
 
@@ -370,12 +371,13 @@ def ranking_basis(settings: SolveSettings, observations: float) -> str:
     return "rwp" if observations >= settings.rwp_ranking_observations else "fit"
 
 
-def structure_fit(settings: SolveSettings, loss) -> str:
+def structure_fit(settings: SolveSettings, loss, coherence_A: float | None = None) -> str:
     """"full" or "volume": what the fit and the refinement change in a candidate (``SolveSettings.fit_structure``);
-    ``loss``: the pattern's :func:`pattern_loss` (its measured Q range)."""
+    ``loss``: the pattern's :func:`pattern_loss` (its measured Q range); ``coherence_A``: its
+    :func:`estimated_size` when already known (angstrom), used without a size hint."""
     if settings.fit_structure != "auto":
         return settings.fit_structure
-    size = settings.size_hint_A or estimated_size(loss)
+    size = settings.size_hint_A or (coherence_A if coherence_A is not None else estimated_size(loss))
     enough = _observations(loss, None, size)[0] >= settings.rwp_ranking_observations
     return "full" if enough else "volume"
 
@@ -457,7 +459,8 @@ def solve(
 
     options = {"size": settings.size_hint_A} if settings.size_hint_A else {}
     loss = pattern_loss(pattern, settings.size_hint_A, settings.crystallite_shape)
-    fit = structure_fit(settings, loss)
+    coherence = estimated_size(loss)
+    fit = structure_fit(settings, loss, coherence)
     fit_settings = PolishSettings(steps=settings.polish_steps,
                                   **({} if fit == "full" else {"lattice_only": 1.0, "isotropic": True}))
     records = []
@@ -559,7 +562,7 @@ def solve(
         "source": pattern.source,
         "trials": [{"z": t.z, "n_atoms": t.n_atoms, "probability": t.probability} for t in trials],
         "ranking": {"by": basis, "independent_observations": round(observations, 1),
-                    "crystallite_size_A": round(size, 1), "coherence_length_A": round(estimated_size(loss), 1),
+                    "crystallite_size_A": round(size, 1), "coherence_length_A": round(coherence, 1),
                     "structure_fit": fit},
         "candidates": candidates,
         "screened": [{"z": r["z"], "index": r["index"], "screen_residual": r["screen_residual"],
