@@ -128,6 +128,9 @@ def local(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     broaden: Annotated[float, typer.Option("--broaden", help="Gaussian FWHM (eV) applied to the computed "
                                            "templates, for measured spectra.")] = 0.0,
+    align: Annotated[bool, typer.Option("--align", help="For measured spectra (template matching): fit one energy "
+                                        "shift, energy-scale stretch and broadening (--broaden fixes it) of the "
+                                        "computed templates to the spectrum before matching.")] = False,
 ):
     """3D local coordination around the absorber from a near-edge spectrum (summary.json, .xyz, plot)."""
     from xtalsolve.io.spectra import read_spectrum
@@ -145,7 +148,7 @@ def local(
     if broaden < 0:
         raise XtalsolveError("must be >= 0 eV", "--broaden")
     pred = predict_local(spec, absorber, edge, samples, check_absorber(ligand), library, checkpoint, method, seed,
-                         broaden)
+                         broaden, align)
     write_outputs(pred, spec, out)
     s = pred.summary
     typer.echo(f"{out}: CN {s['coordination_number']} ({s['spread']['coordination_number_agreement']:.0%} of "
@@ -171,6 +174,9 @@ def spectra_library(
     min_cn: Annotated[int, typer.Option("--min-cn", help="Leave out entries with fewer first-shell ligands (4 for "
                                                          "Fe-O: two-fold sites of mixed-anion crystals are not "
                                                          "oxide environments).")] = 0,
+    exclude_formula: Annotated[Optional[list[str]], typer.Option(
+        "--exclude-formula", help="Leave out every entry of this reduced formula (repeatable), e.g. the materials "
+                                  "a measured check is run on.")] = None,
 ):
     """Collect cached spectra into an edge-aligned feature library (templates and training data)."""
     from xtalsolve.local.dataset import check_absorber
@@ -182,6 +188,10 @@ def spectra_library(
         lib = lib.subset(lib.coordination_numbers(ligand) >= min_cn)
         if len(lib) == 0:
             raise XtalsolveError(f"no entry has {min_cn} or more {ligand} neighbours", cache)
+    if exclude_formula:
+        lib = lib.without_formulas(exclude_formula)
+        if len(lib) == 0:
+            raise XtalsolveError("every entry has an excluded formula", cache)
     lib.save(out)
     splits = {k: sum(m.get("split") == k for m in lib.meta) for k in ("train", "val", "test")}
     typer.echo(json.dumps({"spectra": len(lib), **splits, "out": str(out)}))

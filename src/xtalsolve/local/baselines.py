@@ -68,6 +68,46 @@ class TemplateMatcher:
         return out
 
 
+@dataclass(frozen=True)
+class Alignment:
+    """Theory-to-measurement mapping of a template library (:meth:`SpectrumLibrary.aligned`): energy shift (eV),
+    energy-scale stretch, Gaussian FWHM (eV), and the RMS residual of the linear-combination fit it gives."""
+
+    shift_eV: float
+    stretch: float
+    fwhm_eV: float
+    residual: float
+
+    def as_dict(self) -> dict:
+        return {"shift_eV": self.shift_eV, "stretch": self.stretch, "fwhm_eV": self.fwhm_eV,
+                "lcf_residual": round(self.residual, 5)}
+
+
+ALIGN_SHIFTS_EV = tuple(np.arange(-3.0, 3.01, 1.0))
+ALIGN_STRETCHES = tuple(np.round(np.arange(0.9, 1.501, 0.05), 3))
+ALIGN_FWHMS_EV = (0.0, 1.0, 2.0, 3.0, 4.0)
+
+
+def fit_alignment(library: SpectrumLibrary, features: np.ndarray, shifts=ALIGN_SHIFTS_EV,
+                  stretches=ALIGN_STRETCHES, fwhms=ALIGN_FWHMS_EV) -> Alignment:
+    """The one (shift, stretch, broadening) of the whole library that lets a non-negative mixture of its spectra
+    (:meth:`TemplateMatcher.mixture`) fit the measured ``features`` best: a grid search over the given values.
+
+    One mapping for every template, fitted to one spectrum: it corrects what the theory gets wrong for all
+    sites alike (E0, the energy scale of the scattering features, the instrument's resolution), and it cannot
+    choose the geometry, which stays with the templates. Measured Fe K of hematite, wustite and magnetite: the
+    mixture's residual falls from 0.04-0.06 to 0.01-0.02 per point at stretches of 1.2-1.4 (docs/spectra.md)."""
+    best = None
+    for fwhm in fwhms:
+        broad = library.broadened(fwhm)
+        for stretch in stretches:
+            for shift in shifts:
+                residual = TemplateMatcher(broad.aligned(shift, stretch)).mixture(features)[1]
+                if best is None or residual < best.residual:
+                    best = Alignment(float(shift), float(stretch), float(fwhm), residual)
+    return best
+
+
 # ------------------------------------------------------------------------------------------------ EXAFS-style fit
 
 

@@ -104,11 +104,15 @@ def predict_local(
     method: str = "auto",
     seed: int = 0,
     broaden_eV: float = 0.0,
+    align: bool = False,
 ) -> LocalPrediction:
     """Sample ``samples`` clusters for ``spectrum`` and summarise them (see :func:`consensus`).
 
     ``broaden_eV``: Gaussian FWHM applied to the template library's computed spectra before matching (the
-    instrumental resolution of a measured spectrum)."""
+    instrumental resolution of a measured spectrum). ``align`` (template matching; for measured spectra): first
+    fit one energy shift, energy-scale stretch and broadening of the whole library to the spectrum
+    (:func:`~xtalsolve.local.baselines.fit_alignment`; the broadening is ``broaden_eV`` when that is given) and
+    match against the aligned library; reported as ``alignment`` in the summary."""
     from xtalsolve.local.library import SpectrumLibrary
 
     norm = normalize(spectrum)
@@ -119,6 +123,8 @@ def predict_local(
     use_model = method == "diffusion" or (method == "auto" and (checkpoint is not None or (
         ckpt.exists() and library is None and not lib_path.exists())))
     extra = {"e0_eV": norm.e0, "edge_step": norm.edge_step}
+    if use_model and align:
+        raise XtalsolveError("aligning the computed spectra to a measured one needs template matching", "--align")
     if use_model:
         from xtalsolve.local.model import load_model, sample_clusters
 
@@ -138,10 +144,15 @@ def predict_local(
         else:
             raise XtalsolveError(f"no model or template library for {absorber} {edge}; build one with "
                                  "`xtalsolve spectra generate` and pass it with --library", lib_path)
-        from xtalsolve.local.baselines import TemplateMatcher
+        from xtalsolve.local.baselines import ALIGN_FWHMS_EV, TemplateMatcher, fit_alignment
 
-        lib = lib.broadened(broaden_eV)
         feats = norm.on_grid(lib.grid)
+        if align:
+            fitted = fit_alignment(lib, feats, fwhms=(broaden_eV,) if broaden_eV > 0 else ALIGN_FWHMS_EV)
+            lib = lib.aligned(fitted.shift_eV, fitted.stretch, fitted.fwhm_eV)
+            extra["alignment"] = fitted.as_dict()
+        else:
+            lib = lib.broadened(broaden_eV)
         matcher = TemplateMatcher(lib)
         clusters = matcher.predict(feats, samples, absorber)
         if not clusters:
@@ -155,6 +166,8 @@ def predict_local(
                "e0_eV": round(norm.e0, 2), "source": spectrum.source}
     if not use_model:
         summary["mixture"] = mixture
+    if "alignment" in extra:
+        summary["alignment"] = extra["alignment"]
     return LocalPrediction(name, clusters, summary, extra)
 
 
