@@ -164,9 +164,11 @@ def main() -> None:
                                          rank_by=args.rank_by, fit_structure=args.fit_structure)
                 try:
                     summary = solve(pattern, reference.composition.reduced_formula, generate, out, settings)
-                    # refined candidates by priced Rwp, then the other fitted ones by their priced fit residual
+                    # refined candidates by priced Rwp, then the other fitted ones by their priced fit residual,
+                    # each crystal once (the solver marks a candidate that repeats an earlier one)
                     ranked = [readable(out / c["cif"]) for c in summary["candidates"]]
-                    ranked += [readable(out / c["cif"]) for c in summary["screened"] if not c["refined"]]
+                    ranked += [readable(out / c["cif"]) for c in summary["screened"]
+                               if not c["refined"] and not c.get("same_as")]
                     ranked = [s for s in ranked if s is not None]  # atoms refined onto each other: a miss
                     ranked = ranked[: args.candidates]
                 except Exception as err:  # noqa: BLE001 - a failed material is a miss, recorded with its reason

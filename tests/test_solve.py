@@ -14,7 +14,8 @@ from pymatgen.core import Lattice, Structure
 from xtalsolve.pattern import Pattern
 from xtalsolve.physics.powder import Instrument, make_grid, simulate_powder
 from xtalsolve.errors import XtalsolveError
-from xtalsolve.solve import SolveSettings, explore_then_exploit, independent_observations, ranking_basis, solve
+from xtalsolve.solve import (SolveSettings, explore_then_exploit, independent_observations, ranking_basis, repeats,
+                             solve)
 from xtalsolve.composition import CellTrial
 
 
@@ -72,6 +73,8 @@ def test_solve_ranks_the_truth_first_and_resumes(tmp_path, rutile_pattern):
     assert (tmp_path / "fit.png").is_file()
     assert json.loads((tmp_path / "summary.json").read_text())["candidates"][0]["cif"] == "rank01.cif"
     assert all(c["score"] >= best["score"] for c in summary["candidates"])
+    listed = {c["cif"] for c in summary["candidates"]} | {c["cif"] for c in summary["screened"]}
+    assert all(c["same_as"] is None or c["same_as"] in listed for c in summary["screened"])
 
     # a second run finds every candidate refined already: nothing is generated or refined again
     calls.clear()
@@ -84,6 +87,22 @@ def test_solve_ranks_the_truth_first_and_resumes(tmp_path, rutile_pattern):
     scores = [c["screen_score"] for c in by_fit["candidates"]]
     assert calls == [] and by_fit["ranking"]["by"] == "fit" and scores == sorted(scores)
     assert len(by_fit["candidates"]) == len(summary["candidates"])
+
+
+def test_repeats_marks_the_same_crystal_listed_again():
+    """A ranked list keeps each crystal once: rock salt, then rock salt in a conventional cell with its atoms moved
+    0.01 A (the same crystal), then the CsCl arrangement of the same atoms and volume (another one), then rock
+    salt again, and rock salt 10 % larger in volume (a different fit to the same pattern: not compared)."""
+    rocksalt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    moved = rocksalt.copy()
+    moved.perturb(0.01, seed=1)
+    primitive = rocksalt.get_primitive_structure()
+    cscl = Structure(Lattice.cubic(primitive.volume ** (1 / 3)), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    larger = primitive.copy()
+    larger.scale_lattice(1.1 * primitive.volume)
+    assert repeats([primitive, moved, cscl, primitive.copy(), larger]) == [None, 0, None, 0, None]
+    # residuals more than 1.3 apart are not the same crystal's either
+    assert repeats([primitive, moved], residuals=[0.02, 0.05]) == [None, None]
 
 
 def test_independent_observations_and_the_ranking_basis():

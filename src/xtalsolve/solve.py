@@ -226,6 +226,38 @@ def pattern_loss(pattern: Pattern, size_A: float | None = None, shape: str = "lo
                        shape=shape)
 
 
+def repeats(structures: Sequence[Structure], residuals: Sequence[float] | None = None) -> list[int | None]:
+    """For each structure, the index of the first earlier one that is the same crystal (pymatgen StructureMatcher
+    at half its default tolerances: ltol 0.1, stol 0.15, angle 3 degrees), else None: a ranked list keeps only the
+    first of each, so that the same solution reached from several candidates does not fill the places of
+    different ones. Tighter than the defaults because sameness is not transitive: at the defaults a candidate
+    that matches the true structure can be judged the same as an earlier one that does not.
+
+    All are fitted to one pattern, so one crystal has one cell volume (its peak positions) and about one fit
+    residual: pairs whose volumes per atom differ by more than 5 %, or (``residuals`` given) whose residuals
+    differ by more than a factor 1.3, are not compared (StructureMatcher costs milliseconds per pair; 32
+    candidates of 20 atoms took 20-30 s to compare all)."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    matcher = StructureMatcher(ltol=0.1, stol=0.15, angle_tol=3, primitive_cell=False)  # primitive cells found once
+    structures = [st.get_primitive_structure() for st in structures]
+    volume = [st.volume / len(st) for st in structures]
+    misfit = list(residuals) if residuals is not None else [1.0] * len(structures)
+
+    def close(i: int, k: int) -> bool:
+        return (abs(volume[i] - volume[k]) <= 0.05 * max(volume[i], volume[k])
+                and max(misfit[i], misfit[k]) <= 1.3 * max(min(misfit[i], misfit[k]), 1e-12))
+
+    kept: list[int] = []
+    out: list[int | None] = []
+    for i, structure in enumerate(structures):
+        same = next((k for k in kept if close(i, k) and matcher.fit(structure, structures[k])), None)
+        out.append(same)
+        if same is None:
+            kept.append(i)
+    return out
+
+
 def distinct(records: Sequence[dict], n: int) -> list[dict]:
     """The first ``n`` records (best first) whose fitted structures are pairwise different crystals
     (pymatgen StructureMatcher, default tolerances): refining the same solution twice wastes the budget."""
@@ -557,6 +589,14 @@ def solve(
                            "origin": record.get("origin")})
     if best is not None and abs(best.rwp - ranked[0]["rwp"]) < 1e-12:
         plot_fit(best, out / "fit.png", title=f"{composition.reduced_formula}: rank 1, Rwp {best.rwp:.2%}")
+    # the screened list in ranking order (refined first, by rank), each marked when it repeats an earlier one
+    listed = list(ranked) + [r for r in screened if "rwp" not in r]
+    cif_of = {id(r): (f"rank{k:02d}.cif" if k <= len(ranked) else
+                      str(_candidate_file(store, r["z"], r["index"]).with_suffix(".cif").relative_to(out)))
+              for k, r in enumerate(listed, start=1)}
+    same = repeats([Structure.from_str(r["cif" if "rwp" in r else "screen_cif"], fmt="cif") for r in listed],
+                   [r["screen_residual"] for r in listed])  # as listed: refined structures, else fitted ones
+    same_as = {id(r): cif_of[id(listed[k])] for r, k in zip(listed, same) if k is not None}
     summary = {
         "formula": composition.reduced_formula,
         "source": pattern.source,
@@ -567,7 +607,8 @@ def solve(
         "candidates": candidates,
         "screened": [{"z": r["z"], "index": r["index"], "screen_residual": r["screen_residual"],
                       "screen_score": r["screen_score"], "refined": "rwp" in r, "origin": r.get("origin"),
-                      "cif": str(_candidate_file(store, r["z"], r["index"]).with_suffix(".cif").relative_to(out))}
+                      "cif": str(_candidate_file(store, r["z"], r["index"]).with_suffix(".cif").relative_to(out)),
+                      "same_as": same_as.get(id(r))}
                      for r in screened],
         "failed": [{"z": r["z"], "index": r["index"], "reason": r["failed"]} for r in records if "failed" in r],
         "abandoned": [{"z": r["z"], "index": r["index"], **r["abandoned"]} for r in records if "abandoned" in r],
