@@ -264,8 +264,8 @@ def test_measured_fe_oxides_are_six_fold_with_the_packaged_library(tmp_path, nam
 
     if not default_library_path("Fe", "K").exists() or not (SHARED / "experimental_xas" / name).exists():
         pytest.skip("no packaged Fe K library or no shared XAS data")
-    r = run_cli("local", str(SHARED / "experimental_xas" / name), "--absorber", "Fe", "--samples", "5", "--align",
-                "--method", "template", "--out", str(tmp_path / "o"))
+    r = run_cli("local", str(SHARED / "experimental_xas" / name), "--absorber", "Fe", "--samples", "5",
+                "--out", str(tmp_path / "o"))  # template matching with the alignment: the defaults
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert s["coordination_number"] == 6 and 1.95 < s["mean_bond_length_A"] < 2.25

@@ -128,9 +128,11 @@ def local(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     broaden: Annotated[float, typer.Option("--broaden", help="Gaussian FWHM (eV) applied to the computed "
                                            "templates, for measured spectra.")] = 0.0,
-    align: Annotated[bool, typer.Option("--align", help="For measured spectra (template matching): fit one energy "
-                                        "shift, energy-scale stretch and broadening (--broaden fixes it) of the "
-                                        "computed templates to the spectrum before matching.")] = False,
+    align: Annotated[Optional[bool], typer.Option("--align/--no-align", help="Template matching: fit one energy "
+                                                  "shift, energy-scale stretch and broadening (--broaden fixes it) "
+                                                  "of the computed templates to the spectrum before matching "
+                                                  "(default for template matching; measured spectra need it).")
+                     ] = None,
 ):
     """3D local coordination around the absorber from a near-edge spectrum (summary.json, .xyz, plot)."""
     from xtalsolve.io.spectra import read_spectrum

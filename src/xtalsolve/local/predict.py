@@ -104,15 +104,17 @@ def predict_local(
     method: str = "auto",
     seed: int = 0,
     broaden_eV: float = 0.0,
-    align: bool = False,
+    align: bool | None = None,
 ) -> LocalPrediction:
     """Sample ``samples`` clusters for ``spectrum`` and summarise them (see :func:`consensus`).
 
     ``broaden_eV``: Gaussian FWHM applied to the template library's computed spectra before matching (the
-    instrumental resolution of a measured spectrum). ``align`` (template matching; for measured spectra): first
-    fit one energy shift, energy-scale stretch and broadening of the whole library to the spectrum
-    (:func:`~xtalsolve.local.baselines.fit_alignment`; the broadening is ``broaden_eV`` when that is given) and
-    match against the aligned library; reported as ``alignment`` in the summary."""
+    instrumental resolution of a measured spectrum). ``align`` (template matching; None: whenever templates are
+    matched): first fit one energy shift, energy-scale stretch and broadening of the whole library to the
+    spectrum (:func:`~xtalsolve.local.baselines.fit_alignment`; the broadening is ``broaden_eV`` when that is
+    given) and match against the aligned library; reported as ``alignment`` in the summary. The grid holds the
+    identity, so a computed spectrum keeps (nearly) its own axis; measured Fe K oxides need stretches of 1.2-1.35
+    (docs/spectra.md)."""
     from xtalsolve.local.library import SpectrumLibrary
 
     norm = normalize(spectrum)
@@ -123,7 +125,7 @@ def predict_local(
     use_model = method == "diffusion" or (method == "auto" and (checkpoint is not None or (
         ckpt.exists() and library is None and not lib_path.exists())))
     extra = {"e0_eV": norm.e0, "edge_step": norm.edge_step}
-    if use_model and align:
+    if use_model and align:  # asked for explicitly
         raise XtalsolveError("aligning the computed spectra to a measured one needs template matching", "--align")
     if use_model:
         from xtalsolve.local.model import load_model, sample_clusters
@@ -147,7 +149,7 @@ def predict_local(
         from xtalsolve.local.baselines import ALIGN_FWHMS_EV, TemplateMatcher, fit_alignment
 
         feats = norm.on_grid(lib.grid)
-        if align:
+        if align is None or align:
             fitted = fit_alignment(lib, feats, fwhms=(broaden_eV,) if broaden_eV > 0 else ALIGN_FWHMS_EV)
             lib = lib.aligned(fitted.shift_eV, fitted.stretch, fitted.fwhm_eV)
             extra["alignment"] = fitted.as_dict()
