@@ -591,9 +591,8 @@ def solve(
         plot_fit(best, out / "fit.png", title=f"{composition.reduced_formula}: rank 1, Rwp {best.rwp:.2%}")
     # the screened list in ranking order (refined first, by rank), each marked when it repeats an earlier one
     listed = list(ranked) + [r for r in screened if "rwp" not in r]
-    cif_of = {id(r): (f"rank{k:02d}.cif" if k <= len(ranked) else
-                      str(_candidate_file(store, r["z"], r["index"]).with_suffix(".cif").relative_to(out)))
-              for k, r in enumerate(listed, start=1)}
+    stored_cif = lambda r: str(_candidate_file(store, r["z"], r["index"]).with_suffix(".cif").relative_to(out))  # noqa: E731
+    cif_of = {id(r): f"rank{k:02d}.cif" if k <= len(ranked) else stored_cif(r) for k, r in enumerate(listed, start=1)}
     same = repeats([Structure.from_str(r["cif" if "rwp" in r else "screen_cif"], fmt="cif") for r in listed],
                    [r["screen_residual"] for r in listed])  # as listed: refined structures, else fitted ones
     same_as = {id(r): cif_of[id(listed[k])] for r, k in zip(listed, same) if k is not None}
@@ -607,8 +606,7 @@ def solve(
         "candidates": candidates,
         "screened": [{"z": r["z"], "index": r["index"], "screen_residual": r["screen_residual"],
                       "screen_score": r["screen_score"], "refined": "rwp" in r, "origin": r.get("origin"),
-                      "cif": str(_candidate_file(store, r["z"], r["index"]).with_suffix(".cif").relative_to(out)),
-                      "same_as": same_as.get(id(r))}
+                      "cif": stored_cif(r), "same_as": same_as.get(id(r))}
                      for r in screened],
         "failed": [{"z": r["z"], "index": r["index"], "reason": r["failed"]} for r in records if "failed" in r],
         "abandoned": [{"z": r["z"], "index": r["index"], **r["abandoned"]} for r in records if "abandoned" in r],

@@ -149,7 +149,7 @@ def predict_local(
         from xtalsolve.local.baselines import ALIGN_FWHMS_EV, TemplateMatcher, fit_alignment
 
         feats = norm.on_grid(lib.grid)
-        if align is None or align:
+        if align is not False:  # None: the default of template matching
             fitted = fit_alignment(lib, feats, fwhms=(broaden_eV,) if broaden_eV > 0 else ALIGN_FWHMS_EV)
             lib = lib.aligned(fitted.shift_eV, fitted.stretch, fitted.fwhm_eV)
             extra["alignment"] = fitted.as_dict()
