@@ -33,6 +33,7 @@ from xtalsolve.diffusion.guidance import (
     chebyshev_basis,
     fit_scale_background,
     fit_size,
+    gaussian_blur,
 )
 from xtalsolve.diffusion.model import CrystalDiffusion, ModelConfig, conditional_denoiser
 from xtalsolve.diffusion.sampler import generate_structures, numbers_of, sample
@@ -321,6 +322,23 @@ def test_data_guidance_reduces_the_pattern_mismatch():
             mismatch[name] = loss(batch.to(dtype=torch.float64))
     assert float(mismatch["dps"].mean()) < 0.85 * float(mismatch["none"].mean())
     assert int((mismatch["dps"] < mismatch["none"]).sum()) >= 6
+
+
+def test_gaussian_blur_is_the_direct_truncated_convolution():
+    """The FFT blur against numpy's direct convolution (zero padding, kernel cut at 4 std), narrow to wider
+    than the pattern, with the gradient flowing through it."""
+    rng = np.random.default_rng(3)
+    y = torch.tensor(rng.random((2, 3, 200)), dtype=torch.float64, requires_grad=True)
+    for sigma in (0.6, 4.0, 30.0, 90.0):
+        half = math.ceil(4 * sigma)
+        kernel = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+        kernel /= kernel.sum()
+        expected = np.apply_along_axis(lambda row: np.convolve(row, kernel, mode="full")[half : half + 200], -1,
+                                       y.detach().numpy())
+        np.testing.assert_allclose(gaussian_blur(y, sigma).detach().numpy(), expected, atol=1e-12)
+    gaussian_blur(y, 4.0).sum().backward()  # unit-area kernel: interior points pass their whole weight on
+    assert abs(float(y.grad[0, 0, 100]) - 1.0) < 1e-9 and float(y.grad[0, 0, 0]) < 0.6
+    assert gaussian_blur(y, 0.0) is y
 
 
 def test_scale_background_and_size_fits_recover_known_values():

@@ -14,8 +14,8 @@ from pymatgen.core import Lattice, Structure
 from xtalsolve.pattern import Pattern
 from xtalsolve.physics.powder import Instrument, make_grid, simulate_powder
 from xtalsolve.errors import XtalsolveError
-from xtalsolve.solve import (SolveSettings, explore_then_exploit, independent_observations, ranking_basis, repeats,
-                             solve)
+from xtalsolve.solve import (SolveSettings, _rank_key, _read_cif, explore_then_exploit, independent_observations,
+                             ranking_basis, repeats, solve)
 from xtalsolve.composition import CellTrial
 
 
@@ -87,6 +87,10 @@ def test_solve_ranks_the_truth_first_and_resumes(tmp_path, rutile_pattern):
     scores = [c["screen_score"] for c in by_fit["candidates"]]
     assert calls == [] and by_fit["ranking"]["by"] == "fit" and scores == sorted(scores)
     assert len(by_fit["candidates"]) == len(summary["candidates"])
+    # and by both: the geometric mean of the two scores orders them
+    both = solve(pattern, "TiO2", generate, tmp_path, replace(settings, rank_by="both"))
+    means = [np.sqrt(c["score"] * c["screen_score"]) for c in both["candidates"]]
+    assert calls == [] and both["ranking"]["by"] == "both" and means == sorted(means)
 
 
 def test_repeats_marks_the_same_crystal_listed_again():
@@ -103,6 +107,12 @@ def test_repeats_marks_the_same_crystal_listed_again():
     assert repeats([primitive, moved, cscl, primitive.copy(), larger]) == [None, 0, None, 0, None]
     # residuals more than 1.3 apart are not the same crystal's either
     assert repeats([primitive, moved], residuals=[0.02, 0.05]) == [None, None]
+    # a candidate fitted with two atoms onto one site leaves a CIF that pymatgen cannot read: it is listed as
+    # itself (a solve of session 12 stopped there, before its summary)
+    collapsed = Structure(Lattice.cubic(4.0), ["Na", "Na", "Cl"], [[0, 0, 0], [1e-5, 0, 0], [0.5, 0.5, 0.5]])
+    assert _read_cif(collapsed.to(fmt="cif")) is None
+    assert _read_cif(rocksalt.to(fmt="cif")) is not None
+    assert repeats([primitive, None, primitive.copy(), None]) == [None, None, 0, None]
 
 
 def test_independent_observations_and_the_ranking_basis():
@@ -113,6 +123,15 @@ def test_independent_observations_and_the_ranking_basis():
     assert ranking_basis(auto, independent_observations(0.5, 8.0, 100.0)) == "rwp"
     assert ranking_basis(auto, 55.4) == "rwp"  # the measured Rb2S phase II (MoKa, ~80 A): Rwp ranks it right
     assert ranking_basis(SolveSettings(rank_by="rwp"), 5.0) == "rwp"
+    # a stated exact crystallite shape: Rietveld's Lorentzian misfits it, so Rwp and the fit rank together
+    cube = SolveSettings(crystallite_shape="cube")
+    assert ranking_basis(cube, independent_observations(0.5, 8.0, 100.0)) == "both"
+    assert ranking_basis(cube, independent_observations(0.5, 8.0, 10.0)) == "fit"
+    assert ranking_basis(SolveSettings(crystallite_shape="sphere", rank_by="rwp"), 200.0) == "rwp"
+    assert [r["n"] for r in sorted([{"n": 1, "score": 0.10, "screen_score": 0.040},  # sqrt: 0.063
+                                    {"n": 2, "score": 0.12, "screen_score": 0.020},  # 0.049
+                                    {"n": 3, "score": 0.05, "screen_score": 0.010, "plausible": False}],
+                                   key=lambda r: _rank_key(r, "both"))] == [2, 1, 3]
     with pytest.raises(XtalsolveError, match="unknown ranking"):
         ranking_basis(SolveSettings(rank_by="chi2"), 100.0)
 

@@ -564,8 +564,9 @@ def solve(
                                            "model) or both (half diffusion, half symmetric).")] = "prototype",
     rank_by: Annotated[str, typer.Option("--rank-by", help="Order of the refined candidates: rwp (Rietveld), fit "
                                          "(the restrained fit every candidate gets: fixed instrument, size and "
-                                         "displacement) or auto (rwp when the pattern has enough independent "
-                                         "observations, fit for very broad patterns).")] = "auto",
+                                         "displacement), both (the geometric mean of the two) or auto (fit for "
+                                         "very broad patterns; else both with a stated exact "
+                                         "--crystallite-shape, rwp otherwise).")] = "auto",
     fit_structure: Annotated[str, typer.Option("--fit-structure", help="What the fit and the refinement change "
                                                "in a candidate: full (cell and coordinates), volume (an isotropic "
                                                "scaling; shape and coordinates kept) or auto (volume when "

@@ -43,16 +43,22 @@ def chebyshev_basis(grid: torch.Tensor, n_terms: int) -> torch.Tensor:
 
 
 def gaussian_blur(y: torch.Tensor, sigma_points: float) -> torch.Tensor:
-    """Convolve the last axis of ``y`` (..., P) with a unit-area Gaussian of std ``sigma_points`` grid steps
-    (zero padding: apply to masked data)."""
+    """Convolve the last axis of ``y`` (..., P) with a unit-area Gaussian of std ``sigma_points`` grid steps,
+    truncated at 4 std (zero padding: apply to masked data).
+
+    By FFT, padded to the full linear-convolution length so nothing wraps around: the same numbers as a direct
+    convolution, but the blurs of the coarse prescan are wide (kernels of hundreds of points), where the direct
+    convolution of a whole batch of candidates took a fifth of a solve."""
     if sigma_points <= 0:
         return y
     half = math.ceil(4 * sigma_points)
+    n = y.shape[-1]
     x = torch.arange(-half, half + 1, dtype=y.dtype, device=y.device)
     kernel = torch.exp(-0.5 * (x / sigma_points) ** 2)
-    kernel = (kernel / kernel.sum()).view(1, 1, -1)
-    flat = y.reshape(-1, 1, y.shape[-1])
-    return torch.nn.functional.conv1d(flat, kernel, padding=half).reshape(y.shape)
+    kernel = kernel / kernel.sum()
+    length = n + 2 * half
+    full = torch.fft.irfft(torch.fft.rfft(y, n=length) * torch.fft.rfft(kernel, n=length), n=length)
+    return full[..., half : half + n]
 
 
 def fit_scale_background(
