@@ -440,8 +440,10 @@ def _rank_key(record: dict, basis: str = "rwp") -> tuple[bool, float]:
     """Order of refined candidates: by their parameter-priced Rwp (``basis`` "rwp"), priced screening residual
     ("fit") or the geometric mean of the two ("both"), those with atoms on top of each other after every
     plausible one."""
-    value = {"rwp": lambda: record["score"], "fit": lambda: record["screen_score"],
-             "both": lambda: math.sqrt(record["score"] * record["screen_score"])}[basis]()
+    if basis == "both":
+        value = math.sqrt(record["score"] * record["screen_score"])
+    else:
+        value = record["score" if basis == "rwp" else "screen_score"]
     return not record.get("plausible", True), value
 
 
@@ -616,7 +618,9 @@ def solve(
         plot_fit(best, out / "fit.png", title=f"{composition.reduced_formula}: rank 1, Rwp {best.rwp:.2%}")
     # the screened list in ranking order (refined first, by rank), each marked when it repeats an earlier one
     listed = list(ranked) + [r for r in screened if "rwp" not in r]
-    stored_cif = lambda r: str(_candidate_file(store, r["z"], r["index"]).with_suffix(".cif").relative_to(out))  # noqa: E731
+    def stored_cif(r: dict) -> str:
+        return str(_candidate_file(store, r["z"], r["index"]).with_suffix(".cif").relative_to(out))
+
     cif_of = {id(r): f"rank{k:02d}.cif" if k <= len(ranked) else stored_cif(r) for k, r in enumerate(listed, start=1)}
     same = repeats([_read_cif(r["cif" if "rwp" in r else "screen_cif"]) for r in listed],
                    [r["screen_residual"] for r in listed])  # as listed: refined structures, else fitted ones
