@@ -28,7 +28,7 @@ from xtalsolve.prototypes import (
     signature,
     structure_type,
 )
-from xtalsolve.solve import SolveSettings, _scored, solve
+from xtalsolve.solve import SolveSettings, _scored, prior_price, solve
 
 
 def rock_salt(a: str, b: str, lattice: float) -> Structure:
@@ -168,6 +168,17 @@ def test_prior_rank_raises_the_screen_score():
     assert ranked["screen_free_parameters"] == 1
     assert np.isclose(unranked["screen_score"], 0.1 * 1.01)
     assert np.isclose(ranked["screen_score"], 0.1 * 1.01 * 1.10)
+
+
+def test_broad_patterns_price_the_prior_more_and_stored_scores_are_recomputed():
+    settings = SolveSettings(parameter_price=0.01, prior_price=0.01, broad_prior_price=0.15)
+    assert prior_price(settings, "volume") == 0.15 and prior_price(settings, "full") == 0.01
+    cif = Structure(Lattice.cubic(4.0), ["Po"], [[0, 0, 0]]).to(fmt="cif")
+    record = _scored({"screen_residual": 0.1, "screen_cif": cif, "prior_rank": 10}, settings)
+    assert np.isclose(record["screen_score"], 0.1 * 1.01 * 1.10)
+    # a record read back from a run with another price is ranked by the present one
+    _scored(record, settings, prior_price(settings, "volume"))
+    assert np.isclose(record["screen_score"], 0.1 * 1.01 * 2.5)
 
 
 def test_solve_finds_rutile_by_substitution(tmp_path):

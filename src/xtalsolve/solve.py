@@ -57,7 +57,10 @@ class SolveSettings:
     prototype library's order) has its fit residual also raised by ``prior_price`` per rank when it is screened:
     broad patterns (10 angstrom crystallites) tell similar structure types apart only weakly, and the prior then
     breaks the tie. 0.01 was chosen on 24 mp20_val crystals at D = 10 A (screened top-1 9 -> 12 loose matches,
-    top-10 17 -> 20).
+    top-10 17 -> 20). When the pattern holds too few observations to fit the structure (the "volume" structure
+    fit below) the price is ``broad_prior_price`` instead: there the data decide less and the prior more. 0.15
+    was chosen on 100 mp20_val crystals at D = 10 A (seed 0, stored runs re-ranked; rank-1 strict matches 59 %
+    at 0.01, 63 % at 0.04, 65 % at 0.05, 67 % at 0.15-0.3, 58 % at 1; docs/solver.md, session 13).
 
     ``rank_by`` is what orders the refined candidates: "rwp" (the priced Rwp of the Rietveld refinement), "fit"
     (the priced screening residual: every candidate fitted with the same fixed instrument, crystallite size,
@@ -106,6 +109,7 @@ class SolveSettings:
     abandon_factor: float = 2.0
     parameter_price: float = 0.01
     prior_price: float = 0.01
+    broad_prior_price: float = 0.15
     rank_by: str = "auto"
     rwp_ranking_observations: float = 40.0
     crystallite_shape: str = "lorentzian"
@@ -461,17 +465,25 @@ def _observations(loss, structure: Structure | None, size_A: float | None) -> tu
     return independent_observations(float(q.min()), float(q.max()), size_A), float(size_A)
 
 
-def _scored(record: dict, settings: SolveSettings) -> dict:
-    """``record`` with the parameter-priced score of each misfit it holds (screen residual, also priced for its
-    prior rank; Rwp); the free parameters are counted from its CIF when not given (records stored by older runs
-    lack both)."""
+def prior_price(settings: SolveSettings, fit: str) -> float:
+    """Misfit share per prior rank (:class:`SolveSettings`): ``broad_prior_price`` for the "volume" structure
+    fit of patterns with few observations, ``prior_price`` otherwise."""
+    return settings.broad_prior_price if fit == "volume" else settings.prior_price
+
+
+def _scored(record: dict, settings: SolveSettings, price: float | None = None) -> dict:
+    """``record`` with the parameter-priced score of each misfit it holds (screen residual, also priced by
+    ``price`` per prior rank, default ``settings.prior_price``; Rwp), computed afresh (a resumed run ranks by
+    the present settings); the free parameters are counted from its CIF when not given (records stored by older
+    runs lack them)."""
     from xtalsolve.polish import free_parameters
 
-    prior = 1.0 + settings.prior_price * (record.get("prior_rank") or 0)  # screening only (see SolveSettings)
+    price = settings.prior_price if price is None else price
+    prior = 1.0 + price * (record.get("prior_rank") or 0)  # screening only (see SolveSettings)
     for misfit, cif, n_key, score, factor in (
             ("screen_residual", "screen_cif", "screen_free_parameters", "screen_score", prior),
             ("rwp", "cif", "free_parameters", "score", 1.0)):
-        if misfit in record and score not in record:
+        if misfit in record:
             if n_key not in record:
                 record[n_key] = free_parameters(Structure.from_str(record[cif], fmt="cif"))
             record[score] = factor * parsimonious(record[misfit], record[n_key], settings.parameter_price)
@@ -520,6 +532,7 @@ def solve(
     loss = pattern_loss(pattern, settings.size_hint_A, settings.crystallite_shape)
     coherence = estimated_size(loss)
     fit = structure_fit(settings, loss, coherence)
+    price = prior_price(settings, fit)
     fit_settings = PolishSettings(steps=settings.polish_steps,
                                   **({} if fit == "full" else {"lattice_only": 1.0, "isotropic": True}))
     records = []
@@ -530,7 +543,7 @@ def solve(
             first = sum(1 for r in records if r["z"] == trial.z)
             stored = [_candidate_file(store, trial.z, first + i) for i in range(count)]
             if all(path.is_file() for path in stored):  # screened in an earlier run
-                records.extend(_scored(json.loads(path.read_text()), settings) for path in stored)
+                records.extend(_scored(json.loads(path.read_text()), settings, price) for path in stored)
                 continue
             say(f"Z = {trial.z}: drawing {count} candidates")
             structures = generate(trial.composition(composition), count,
@@ -544,7 +557,7 @@ def solve(
                 if np.isfinite(residuals[i]) and fitted[i].volume > 0:
                     record |= {"screen_residual": float(residuals[i]), "screen_cif": fitted[i].to(fmt="cif"),
                                "screen_free_parameters": free_parameters(fitted[i])}
-                    _scored(record, settings)
+                    _scored(record, settings, price)
                     write_cif(fitted[i], path.with_suffix(".cif"))
                 else:  # a collapsed or exploded candidate must not end the run
                     record["failed"] = "the local fit diverged"
@@ -594,7 +607,7 @@ def solve(
                        "free_parameters": free_parameters(result.structure),
                        **dict(zip(("min_distance_A", "plausible"), contact_check(result.structure))),
                        "seconds": round(result.seconds, 2)}
-            _scored(record, settings)
+            _scored(record, settings, price)
             key = _rank_key(record, basis)
             if best is None or key < best_key:
                 best, best_key = result, key
@@ -629,7 +642,7 @@ def solve(
         "formula": composition.reduced_formula,
         "source": pattern.source,
         "trials": [{"z": t.z, "n_atoms": t.n_atoms, "probability": t.probability} for t in trials],
-        "ranking": {"by": basis, "independent_observations": round(observations, 1),
+        "ranking": {"by": basis, "prior_price": price, "independent_observations": round(observations, 1),
                     "crystallite_size_A": round(size, 1), "coherence_length_A": round(coherence, 1),
                     "structure_fit": fit},
         "candidates": candidates,
