@@ -163,8 +163,8 @@ def test_generator_fills_from_the_fallback_once_the_library_runs_out():
 def test_prior_rank_raises_the_screen_score():
     settings = SolveSettings(parameter_price=0.01, prior_price=0.01)
     cif = Structure(Lattice.cubic(4.0), ["Po"], [[0, 0, 0]]).to(fmt="cif")  # one free parameter: a
-    ranked = _scored({"screen_residual": 0.1, "screen_cif": cif, "prior_rank": 10}, settings)
-    unranked = _scored({"screen_residual": 0.1, "screen_cif": cif, "prior_rank": None}, settings)
+    ranked = _scored({"screen_residual": 0.1, "screen_cif": cif, "prior_rank": 10}, settings, settings.prior_price)
+    unranked = _scored({"screen_residual": 0.1, "screen_cif": cif, "prior_rank": None}, settings, settings.prior_price)
     assert ranked["screen_free_parameters"] == 1
     assert np.isclose(unranked["screen_score"], 0.1 * 1.01)
     assert np.isclose(ranked["screen_score"], 0.1 * 1.01 * 1.10)
@@ -174,7 +174,7 @@ def test_broad_patterns_price_the_prior_more_and_stored_scores_are_recomputed():
     settings = SolveSettings(parameter_price=0.01, prior_price=0.01, broad_prior_price=0.15)
     assert prior_price(settings, "volume") == 0.15 and prior_price(settings, "full") == 0.01
     cif = Structure(Lattice.cubic(4.0), ["Po"], [[0, 0, 0]]).to(fmt="cif")
-    record = _scored({"screen_residual": 0.1, "screen_cif": cif, "prior_rank": 10}, settings)
+    record = _scored({"screen_residual": 0.1, "screen_cif": cif, "prior_rank": 10}, settings, settings.prior_price)
     assert np.isclose(record["screen_score"], 0.1 * 1.01 * 1.10)
     # a record read back from a run with another price is ranked by the present one
     _scored(record, settings, prior_price(settings, "volume"))

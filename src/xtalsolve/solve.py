@@ -471,14 +471,13 @@ def prior_price(settings: SolveSettings, fit: str) -> float:
     return settings.broad_prior_price if fit == "volume" else settings.prior_price
 
 
-def _scored(record: dict, settings: SolveSettings, price: float | None = None) -> dict:
+def _scored(record: dict, settings: SolveSettings, price: float) -> dict:
     """``record`` with the parameter-priced score of each misfit it holds (screen residual, also priced by
-    ``price`` per prior rank, default ``settings.prior_price``; Rwp), computed afresh (a resumed run ranks by
-    the present settings); the free parameters are counted from its CIF when not given (records stored by older
-    runs lack them)."""
+    ``price`` per prior rank, :func:`prior_price`; Rwp), computed afresh (a resumed run ranks by the present
+    settings); the free parameters are counted from its CIF when not given (records stored by older runs lack
+    them)."""
     from xtalsolve.polish import free_parameters
 
-    price = settings.prior_price if price is None else price
     prior = 1.0 + price * (record.get("prior_rank") or 0)  # screening only (see SolveSettings)
     for misfit, cif, n_key, score, factor in (
             ("screen_residual", "screen_cif", "screen_free_parameters", "screen_score", prior),
