@@ -9,9 +9,10 @@ Patterns simulated the way PXRDnet did (research/pxrd-anchors.md): Cu Kalpha, co
 intensities (pymatgen's form-factor table) binned on 4096 Q bins over 0-8.16 1/A, convolved with the size
 broadening of a crystallite of size D (the squared Fourier transform of a box of length D,
 D sinc^2(D Q / 2), sinc x = sin x / x, unit area), max-normalised, max-pooled to 512 points, Gaussian noise
-sigma 1e-3. Formula and atom count given (PXRDnet fixed both). The solver is told the broadening the patterns
+sigma 1e-3 (the even-length kernel of numpy's "same" convolution puts every peak one 4,096-grid bin, +0.002 1/A, high;
+kept as written, so that runs stay comparable). Formula and atom count given (PXRDnet fixed both). The solver is told the broadening the patterns
 were made with (--crystallite-shape cube, the Laue function of a cube edge; lorentzian is the solver's default
-for measured data) as a user tells it the instrument; Rietveld refinement always uses the Lorentzian. Arms: the diffusion model unconditioned (prior),
+for measured data) as a user tells it the instrument, and with --max-pooled that the points are max-pooled by 8; Rietveld refinement always uses the Lorentzian. Arms: the diffusion model unconditioned (prior),
 conditioned on the pattern, conditioned and guided by it; random symmetric crystals alone (symmetric: no model);
 half guided diffusion, half symmetric (guided+symmetric); structure types of the training pool with the elements
 substituted, then symmetric crystals (prototype, the default of `xtalsolve solve`). The prototype library follows
@@ -91,6 +92,9 @@ def main() -> None:
                         help="size-broadening model of the solver's screening fit; default cube: the patterns "
                              "are made with D sinc^2(D Q / 2), the Laue function of a cube edge, and the "
                              "protocol states it as a user states the instrument's profile")
+    parser.add_argument("--max-pooled", action="store_true",
+                        help="tell the solver the patterns are max-pooled by 8 (Pattern.max_pool): the screening fit "
+                             "then pools its calculated pattern alike on the pattern's own grid")
     parser.add_argument("--rank-by", default="auto", choices=RANK_BY)
     parser.add_argument("--fit-structure", default="auto", choices=FIT_STRUCTURE)
     parser.add_argument("--ids", type=Path, default=None,
@@ -144,7 +148,8 @@ def main() -> None:
     for size in args.size:
         for material, reference in zip(ids, references):
             grid, y = pxrdnet_pattern(reference, size, rng)
-            pattern = Pattern(grid, y, np.full_like(y, 1e-3), "q", 1.54184, f"pxrdnet:{material}")
+            pattern = Pattern(grid, y, np.full_like(y, 1e-3), "q", 1.54184, f"pxrdnet:{material}",
+                              max_pool=8 if args.max_pooled else 1)
             for arm in args.arms:
                 if (material, size, arm) in done or (only is not None and material not in only):
                     continue
@@ -198,7 +203,7 @@ def main() -> None:
     (RESULTS / f"{results_name}{args.tag}.json").write_text(json.dumps(
         {"set": args.set, "checkpoint": str(args.checkpoint), "samples": args.samples, "candidates": args.candidates,
          "steps": args.steps, "crystallite_shape": args.crystallite_shape, "rank_by": args.rank_by,
-         "fit_structure": args.fit_structure,
+         "fit_structure": args.fit_structure, "max_pooled": args.max_pooled,
          "library": args.library, "redecorate": not args.no_redecorate,
          "ids": sorted(only) if only is not None else None, "table": table},
         indent=2))

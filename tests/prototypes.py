@@ -48,3 +48,22 @@ def lab_pattern(structure: Structure, two_theta: tuple[float, float, float], siz
                         biso=0.5)[0]
     y = 1e4 * y / y.max() + background
     return Pattern(grid, y, np.sqrt(y), unit, wavelength, name)
+
+
+def max_pooled_pattern(structure: Structure, size_A: float):
+    """PXRDnet's representation, built independently of xtalsolve's forward model: pymatgen's stick pattern
+    (Cu Kalpha) histogrammed on 4,096 Q bins (0 - 4 pi / lambda), convolved with the cube profile
+    D sinc^2(D Q / 2), max-normalised and max-pooled to 512 points (each the maximum of 8 bins)."""
+    from pymatgen.analysis.diffraction.xrd import XRDCalculator
+
+    sticks = XRDCalculator("CuKa").get_pattern(structure, two_theta_range=(0.0, 180.0))
+    wavelength = 1.54184
+    q = 4 * np.pi * np.sin(np.radians(sticks.x) / 2) / wavelength
+    edges = np.linspace(0.0, 4 * np.pi / wavelength, 4097)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    binned, _ = np.histogram(q, bins=edges, weights=sticks.y)
+    x = size_A * np.arange(-1024, 1025) * (edges[1] - edges[0]) / 2  # odd length: centred, no shift
+    kernel = np.sinc(x / np.pi) ** 2
+    y = np.convolve(binned, kernel / kernel.sum(), mode="same")
+    return centres.reshape(512, 8).mean(1), (y / y.max()).reshape(512, 8).max(1), wavelength
+

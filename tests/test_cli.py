@@ -55,6 +55,7 @@ def test_simulate_writes_xy_with_peaks_where_pymatgen_puts_them(tmp_path, rocksa
         (["solve", "{xy}", "--formula", "NaCl", "--rank-by", "chi2", "--out", "x"], "unknown ranking"),
         (["solve", "{xy}", "--formula", "NaCl", "--library", "icsd", "--out", "x"], "unknown prototype library"),
         (["solve", "{xy}", "--formula", "NaCl", "--fit-structure", "maybe", "--out", "x"], "unknown structure fit"),
+        (["solve", "{xy}", "--formula", "NaCl", "--max-pool", "8", "--out", "x"], "uniform Q grid"),
     ],
 )
 def test_simulate_bad_input_gives_one_line(tmp_path, rocksalt, args, message):

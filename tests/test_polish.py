@@ -13,7 +13,7 @@ from xtalsolve.crystal.batch import CrystalBatch
 from xtalsolve.polish import PolishSettings, polish
 from xtalsolve.solve import pattern_loss
 
-from prototypes import lab_pattern
+from prototypes import lab_pattern, max_pooled_pattern
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +96,39 @@ def test_the_prescan_finds_a_cell_far_off_in_opposite_directions():
     assert not np.allclose(prescanned(PolishSettings(prescan_starts=0)), truth.lattice.abc, rtol=0.07)
     (fitted,), _ = polish([start], loss)
     assert np.allclose(fitted.lattice.abc, truth.lattice.abc, rtol=0.005), fitted.lattice.abc
+
+
+def test_a_max_pooled_pattern_is_fitted_with_the_calculated_pattern_pooled_alike(rutile):
+    """On a max-pooled pattern the true crystal's residual is the pooling-aware loss's to explain: it must fall
+    well below that of the loss that reads the pattern as point values, and stay well below a slightly wrong
+    crystal's (its cell 0.5 % long)."""
+    from xtalsolve.pattern import Pattern
+
+    truth, _ = rutile
+    grid, y, wavelength = max_pooled_pattern(truth, 100.0)
+    losses = {}
+    for pool in (1, 8):
+        pattern = Pattern(grid, y, np.full_like(y, 1e-3), "q", wavelength, "rutile-pooled", max_pool=pool)
+        losses[pool] = pattern_loss(pattern, 100.0, "cube")
+        losses[pool].biso = 0.0  # pymatgen's sticks have no displacement
+    strained = truth.copy()
+    strained.apply_strain(0.005)
+    batch = CrystalBatch.from_structures([truth, strained], dtype=torch.float64)
+    plain, pooled = losses[1].residual(batch), losses[8].residual(batch)
+    assert pooled[0] < 0.25 * plain[0] and pooled[0] < 0.005  # 0.0025 against 0.016 when written
+    assert pooled[1] > 5 * pooled[0]
+
+    batch.lattice.requires_grad_(True)
+    losses[8].residual(batch).sum().backward()
+    assert torch.isfinite(batch.lattice.grad).all() and batch.lattice.grad.abs().sum() > 0
+
+
+def test_max_pooling_needs_a_uniform_q_grid_and_a_whole_number():
+    from xtalsolve.errors import XtalsolveError
+    from xtalsolve.pattern import Pattern
+
+    q = np.linspace(0.5, 6.0, 300) ** 1.1
+    with pytest.raises(XtalsolveError, match="uniform Q grid"):
+        pattern_loss(Pattern(q, np.ones_like(q), np.ones_like(q), "q", 1.54, "warped.xy", max_pool=8))
+    with pytest.raises(XtalsolveError, match="whole number"):
+        Pattern(q, np.ones_like(q), np.ones_like(q), "q", 1.54, "bad.xy", max_pool=0)

@@ -280,3 +280,35 @@ def test_coherence_length_estimates_crystallite_size_and_chooses_the_fit(size):
     assert structure_fit(SolveSettings(), loss) == ("volume" if size == 10.0 else "full")
     q = np.linspace(0.5, 8.0, 600)  # one damped sine in Q: a single pair distance of 3 A, nothing beyond
     assert coherence_length(q, 1.0 + np.sin(3.0 * q) / (3.0 * q)) < 10.0
+
+
+def test_solve_takes_a_max_pooled_pattern_and_ranks_the_truth_first(tmp_path):
+    """PXRDnet's representation end to end: the screening fit pools its calculated pattern alike, the
+    refinement and ranking run as for any Q pattern, and the perturbed truth comes first of three."""
+    from prototypes import max_pooled_pattern
+
+    truth = Structure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.594, 2.959), ["Ti", "O"],
+                                      [[0, 0, 0], [0.3048, 0.3048, 0]])
+    grid, y, wavelength = max_pooled_pattern(truth, 100.0)
+    pattern = Pattern(grid, y + np.random.default_rng(0).normal(0.0, 1e-3, len(y)), np.full_like(y, 1e-3), "q",
+                      wavelength, "rutile-pooled", max_pool=8)
+
+    def generate(cell, n, seed, skip=0):
+        rng = np.random.default_rng(seed)
+        out = []
+        for i in range(skip, skip + n):
+            if i == 0:
+                s = truth.copy()
+                s.apply_strain(0.01)
+                s.perturb(0.05, seed=seed)
+            else:
+                species = [el.symbol for el, k in cell.items() for _ in range(int(k))]
+                s = Structure(Lattice.cubic(truth.volume ** (1 / 3)), species, rng.random((len(species), 3)))
+            out.append(s)
+        return out
+
+    settings = SolveSettings(samples=3, natoms=6, refine_max_nfev=8, size_hint_A=100.0, crystallite_shape="cube")
+    summary = solve(pattern, "TiO2", generate, tmp_path, settings)
+    assert StructureMatcher().fit(Structure.from_file(tmp_path / summary["candidates"][0]["cif"]), truth)
+    fitted = min(summary["screened"], key=lambda c: c["screen_residual"])
+    assert fitted["index"] == 0 and fitted["screen_residual"] < 0.01

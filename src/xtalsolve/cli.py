@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from enum import Enum
@@ -574,6 +575,10 @@ def solve(
                                                "pattern) leaves too few independent observations, as for 10 A "
                                                "crystallites).")] = "auto",
     shape: ShapeOpt = "lorentzian",
+    max_pool: Annotated[int, typer.Option("--max-pool", min=1, help="Each point of the pattern is the maximum over "
+                                          "this many equally spaced sub-points of its bin (PXRDnet's 512-point "
+                                          "patterns: 8); the calculated pattern is pooled alike. Needs a uniform "
+                                          "Q grid.")] = 1,
     library: Annotated[str, typer.Option("--library", help="Prototype library: extended (the types of mp20_train, "
                                          "then further types of MP-20 val/test, MPTS-52, MP-40, AFLOW, WBM and "
                                          "more; the PXRDnet benchmark's crystals left out), mp20 (mp20_train "
@@ -582,6 +587,8 @@ def solve(
     """Solve a structure: draw candidates (known structure types with substituted elements, random symmetric
     crystals and/or the guided diffusion model), fit and refine them, rank by Rwp priced for free parameters."""
     data = load_pattern_option(pattern, wavelength, radiation, x_unit)
+    if max_pool > 1:
+        data = dataclasses.replace(data, max_pool=max_pool)
     _solve_and_report(data, formula, out, checkpoint, samples=samples, seed=seed, size_hint=size_hint, natoms=natoms,
                       steps=steps, guided=not no_guidance, generator=generator, rank_by=rank_by, shape=shape,
                       library=library, fit_structure=fit_structure)

@@ -23,6 +23,8 @@ class Pattern:
     wavelength: angstrom, or None where it is unknown / not needed (Q or r data).
     source: where the data came from (file path, or a description for simulated data).
     meta: anything else the reader found (instrument, sample, sigma_estimated, ...).
+    max_pool: each point is the maximum over ``max_pool`` equally spaced sub-points across its bin (PXRDnet's
+    512-point patterns are max-pooled from 4,096 bins: 8); 1 = the intensity at the point, as measured.
     """
 
     x: np.ndarray
@@ -32,10 +34,13 @@ class Pattern:
     wavelength: float | None = None
     source: str = "<memory>"
     meta: dict = field(default_factory=dict)
+    max_pool: int = 1
 
     def __post_init__(self):
         if self.unit not in UNITS:
             raise XtalsolveError(f"unknown x unit {self.unit!r}; use one of {', '.join(UNITS)}", self.source)
+        if not (isinstance(self.max_pool, (int, np.integer)) and self.max_pool >= 1):
+            raise XtalsolveError(f"max pooling must be a whole number >= 1, not {self.max_pool!r}", self.source)
         for name in ("x", "y", "sigma"):
             object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=float))
         if not (self.x.ndim == self.y.ndim == self.sigma.ndim == 1 and len(self.x) == len(self.y) == len(self.sigma)):

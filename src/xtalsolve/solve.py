@@ -228,15 +228,32 @@ def pattern_loss(pattern: Pattern, size_A: float | None = None, shape: str = "lo
     """The mismatch the candidates are fitted and ranked by: the pattern on the model's Q grid (normalised,
     masked outside the measured range) against the forward model with free scale and background; crystallite
     size ``size_A`` (angstrom) or fitted per candidate; size-broadening model ``shape``
-    (:data:`xtalsolve.physics.powder.CRYSTALLITE_SHAPES`)."""
+    (:data:`xtalsolve.physics.powder.CRYSTALLITE_SHAPES`). A max-pooled pattern (``Pattern.max_pool`` > 1) is
+    compared on its own uniform Q grid, in the model's Q window, with the calculated pattern pooled alike:
+    interpolating it onto another grid would blend the pooling into a shape no forward model reproduces."""
+    import torch
+
     from xtalsolve.data.augment import Augmentation, model_input
     from xtalsolve.diffusion.guidance import PatternLoss
     from xtalsolve.refine import instrument_of
 
     aug = Augmentation()
-    observed, mask = model_input(pattern, aug)
-    return PatternLoss(aug.grid, observed.double(), mask, instrument=instrument_of(pattern), size=size_A,
-                       shape=shape)
+    if pattern.max_pool == 1:
+        observed, mask = model_input(pattern, aug)
+        return PatternLoss(aug.grid, observed.double(), mask, instrument=instrument_of(pattern), size=size_A,
+                           shape=shape)
+    q = pattern.q
+    steps = np.diff(q)
+    if len(q) < 2 or np.ptp(steps) > 1e-6 * steps.mean():
+        raise XtalsolveError("a max-pooled pattern must be on a uniform Q grid", pattern.source)
+    mask = (q >= float(aug.grid[0])) & (q <= float(aug.grid[-1]))
+    if mask.sum() < 2:
+        raise XtalsolveError(f"the pattern has no points in Q {float(aug.grid[0]):g}-{float(aug.grid[-1]):g} "
+                             "1/angstrom", pattern.source)
+    y = pattern.y[mask] - pattern.y[mask].min()
+    observed = torch.as_tensor(y / max(float(y.max()), 1e-30), dtype=torch.float64)
+    return PatternLoss(torch.as_tensor(q[mask]), observed, torch.ones(int(mask.sum()), dtype=torch.bool),
+                       instrument=instrument_of(pattern), size=size_A, shape=shape, pool=pattern.max_pool)
 
 
 def repeats(structures: Sequence[Structure | None], residuals: Sequence[float] | None = None) -> list[int | None]:

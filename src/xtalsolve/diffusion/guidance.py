@@ -93,7 +93,9 @@ class PatternLoss:
 
     observed: (B, P) or (P,) normalised intensity; mask: same shape, the measured range; size: crystallite size in
     angstrom (float, (B,) tensor, or None = fit with :func:`fit_size`); biso in angstrom^2; shape: the
-    size-broadening model (:data:`xtalsolve.physics.powder.CRYSTALLITE_SHAPES`). ``__call__`` returns the
+    size-broadening model (:data:`xtalsolve.physics.powder.CRYSTALLITE_SHAPES`); pool: each observed point is the
+    maximum over ``pool`` equally spaced sub-points of its bin (:attr:`xtalsolve.pattern.Pattern.max_pool`), and
+    the calculated pattern is rendered on those sub-points and pooled the same way. ``__call__`` returns the
     per-crystal residual norm sqrt(mean_mask (y - s calc - background)^2) (B,), differentiable in lattice and
     coordinates; with ``size=None`` the first call fits the size and keeps it (the sampler refits it during
     sampling and resets it to None afterwards).
@@ -108,6 +110,7 @@ class PatternLoss:
     n_background: int = 4
     size_candidates: tuple[float, ...] = (10.0, 20.0, 40.0, 80.0, 160.0, 400.0, 1000.0)
     shape: str = "lorentzian"
+    pool: int = 1
     _basis: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -124,11 +127,18 @@ class PatternLoss:
     def residual(self, batch: CrystalBatch, size=None, blur: float = 0.0) -> torch.Tensor:
         """Residual norms (B,); ``blur``: Gaussian std (1/angstrom) applied to both patterns before comparing."""
         size = self.size if size is None else size
-        calc = powder_pattern(batch, self.grid.to(batch.lattice.dtype), "q", self.instrument, size=size,
-                              biso=self.biso, binned=True, shape=self.shape)
+        grid = self.grid.to(batch.lattice.dtype)
+        step = float(self.grid[1] - self.grid[0])
+        if self.pool > 1:  # the sub-points of every bin, in order (P * pool,); they sample it finely enough that
+            # the renderer's own oversampling can drop to 4 // pool
+            offsets = (torch.arange(self.pool, dtype=grid.dtype) - (self.pool - 1) / 2.0) * (step / self.pool)
+            grid = (grid.unsqueeze(-1) + offsets).reshape(-1)
+        calc = powder_pattern(batch, grid, "q", self.instrument, size=size, biso=self.biso, binned=True,
+                              shape=self.shape, oversample=max(1, 4 // self.pool))
+        if self.pool > 1:
+            calc = calc.reshape(len(batch), -1, self.pool).amax(-1)
         calc = calc / calc.detach().amax(1, keepdim=True).clamp(min=1e-30)
         observed, mask = self._targets(len(batch), calc.dtype)
-        step = float(self.grid[1] - self.grid[0])
         observed, fitted, _ = fit_scale_background(calc, observed, mask, self._basis.to(calc.dtype), blur / step)
         sq = ((observed - fitted) ** 2 * mask).sum(1) / mask.sum(1).clamp(min=1)
         return torch.sqrt(sq + 1e-12)

@@ -396,6 +396,7 @@ def powder_pattern(
     preferred_orientation: tuple | None = None,
     binned: bool = False,
     shape: str = "lorentzian",
+    oversample: int = 4,
 ) -> torch.Tensor:
     """Differentiable powder pattern (B, P) of a batch on ``grid`` (2theta in degrees or Q in 1/angstrom).
 
@@ -404,7 +405,8 @@ def powder_pattern(
     sums coincident reflections before rendering: faster, but cuts gradients to lattice and coordinates.
     ``profile`` may override the instrument's u, v, w, x, y with (refinable) tensors.
     ``preferred_orientation`` = (axis_hkl, ratio): March-Dollase texture along that reciprocal direction.
-    ``binned`` renders with :func:`render_binned` (uniform grids; training data and screening).
+    ``binned`` renders with :func:`render_binned` (uniform grids; training data and screening), ``oversample``
+    fine points per grid point.
     ``shape``: the size-broadening model (:data:`CRYSTALLITE_SHAPES`); "sphere" and "cube" need ``binned`` on a
     Q grid.
     """
@@ -413,7 +415,8 @@ def powder_pattern(
     if instrument.wavelength2 is not None:  # doublet: the same crystal seen with both lines
         settings = dict(size=size, strain=strain, biso=biso, zero_shift=zero_shift, form_factors=form_factors,
                         reflections=reflections, n_fwhm=n_fwhm, merge=merge, profile=profile,
-                        preferred_orientation=preferred_orientation, binned=binned, shape=shape)
+                        preferred_orientation=preferred_orientation, binned=binned, shape=shape,
+                        oversample=oversample)
         line1 = replace(instrument, wavelength2=None)
         line2 = replace(instrument, wavelength=instrument.wavelength2, wavelength2=None)
         return powder_pattern(batch, grid, unit, line1, **settings) + instrument.ratio2 * powder_pattern(
@@ -435,7 +438,8 @@ def powder_pattern(
     fwhm, eta = peak_shape(theta, wavelength, instrument, None if shaped else size, strain, **(profile or {}))
     zero = instrument.zero_shift if zero_shift is None else zero_shift
     two_theta = torch.rad2deg(2.0 * theta) + _per_structure(zero, len(batch), theta)
-    render = partial(render_binned, size=size, shape=shape) if binned else partial(render_peaks, n_fwhm=n_fwhm)
+    render = partial(render_binned, size=size, shape=shape, oversample=oversample) if binned \
+        else partial(render_peaks, n_fwhm=n_fwhm)
     if unit == "2theta":
         return render(grid, two_theta, intensity, fwhm, eta)
     if unit == "q":
