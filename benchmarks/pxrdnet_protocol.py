@@ -9,10 +9,12 @@ Patterns simulated the way PXRDnet did (research/pxrd-anchors.md): Cu Kalpha, co
 intensities (pymatgen's form-factor table) binned on 4096 Q bins over 0-8.16 1/A, convolved with the size
 broadening of a crystallite of size D (the squared Fourier transform of a box of length D,
 D sinc^2(D Q / 2), sinc x = sin x / x, unit area), max-normalised, max-pooled to 512 points, Gaussian noise
-sigma 1e-3 (the even-length kernel of numpy's "same" convolution puts every peak one 4,096-grid bin, +0.002 1/A, high;
-kept as written, so that runs stay comparable). Formula and atom count given (PXRDnet fixed both). The solver is told the broadening the patterns
-were made with (--crystallite-shape cube, the Laue function of a cube edge; lorentzian is the solver's default
-for measured data) as a user tells it the instrument, and with --max-pooled that the points are max-pooled by 8; Rietveld refinement always uses the Lorentzian. Arms: the diffusion model unconditioned (prior),
+sigma 1e-3 (the even-length kernel of numpy's "same" convolution puts every peak one 4,096-grid bin, +0.002 1/A,
+high; kept as written, so that runs stay comparable). Formula and atom count given (PXRDnet fixed both). The
+solver is told the broadening the patterns were made with (--crystallite-shape cube, the Laue function of a cube
+edge; lorentzian is the solver's default for measured data) as a user tells it the instrument, and with
+--max-pooled that the points are max-pooled by 8; Rietveld refinement always uses the Lorentzian. Arms: the
+diffusion model unconditioned (prior),
 conditioned on the pattern, conditioned and guided by it; random symmetric crystals alone (symmetric: no model);
 half guided diffusion, half symmetric (guided+symmetric); structure types of the training pool with the elements
 substituted, then symmetric crystals (prototype, the default of `xtalsolve solve`). The prototype library follows

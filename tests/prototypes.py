@@ -66,4 +66,3 @@ def max_pooled_pattern(structure: Structure, size_A: float):
     kernel = np.sinc(x / np.pi) ** 2
     y = np.convolve(binned, kernel / kernel.sum(), mode="same")
     return centres.reshape(512, 8).mean(1), (y / y.max()).reshape(512, 8).max(1), wavelength
-

@@ -282,13 +282,12 @@ def test_coherence_length_estimates_crystallite_size_and_chooses_the_fit(size):
     assert coherence_length(q, 1.0 + np.sin(3.0 * q) / (3.0 * q)) < 10.0
 
 
-def test_solve_takes_a_max_pooled_pattern_and_ranks_the_truth_first(tmp_path):
+def test_solve_takes_a_max_pooled_pattern_and_ranks_the_truth_first(tmp_path, rutile_pattern):
     """PXRDnet's representation end to end: the screening fit pools its calculated pattern alike, the
     refinement and ranking run as for any Q pattern, and the perturbed truth comes first of three."""
     from prototypes import max_pooled_pattern
 
-    truth = Structure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.594, 2.959), ["Ti", "O"],
-                                      [[0, 0, 0], [0.3048, 0.3048, 0]])
+    truth, _ = rutile_pattern
     grid, y, wavelength = max_pooled_pattern(truth, 100.0)
     pattern = Pattern(grid, y + np.random.default_rng(0).normal(0.0, 1e-3, len(y)), np.full_like(y, 1e-3), "q",
                       wavelength, "rutile-pooled", max_pool=8)
