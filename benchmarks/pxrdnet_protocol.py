@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--max-pooled", action="store_true",
                         help="tell the solver the patterns are max-pooled by 8 (Pattern.max_pool): the screening fit "
                              "then pools its calculated pattern alike on the pattern's own grid")
+    parser.add_argument("--fit-nuisances", action="store_true",
+                        help="the screening fit also tries an overall B and (max-pooled) a zero offset per candidate")
     parser.add_argument("--rank-by", default="auto", choices=RANK_BY)
     parser.add_argument("--fit-structure", default="auto", choices=FIT_STRUCTURE)
     parser.add_argument("--ids", type=Path, default=None,
@@ -168,7 +170,8 @@ def main() -> None:
                 out = RESULTS / f"{args.set}_runs{args.tag}" / f"{material}_D{size:g}_{arm}"
                 settings = SolveSettings(samples=args.samples, natoms=len(reference), seed=args.seed,
                                          size_hint_A=size, crystallite_shape=args.crystallite_shape,
-                                         rank_by=args.rank_by, fit_structure=args.fit_structure)
+                                         rank_by=args.rank_by, fit_structure=args.fit_structure,
+                                         fit_nuisances=args.fit_nuisances)
                 try:
                     summary = solve(pattern, reference.composition.reduced_formula, generate, out, settings)
                     # refined candidates by priced Rwp, then the other fitted ones by their priced fit residual,
@@ -205,7 +208,7 @@ def main() -> None:
     (RESULTS / f"{results_name}{args.tag}.json").write_text(json.dumps(
         {"set": args.set, "checkpoint": str(args.checkpoint), "samples": args.samples, "candidates": args.candidates,
          "steps": args.steps, "crystallite_shape": args.crystallite_shape, "rank_by": args.rank_by,
-         "fit_structure": args.fit_structure, "max_pooled": args.max_pooled,
+         "fit_structure": args.fit_structure, "max_pooled": args.max_pooled, "fit_nuisances": args.fit_nuisances,
          "library": args.library, "redecorate": not args.no_redecorate,
          "ids": sorted(only) if only is not None else None, "table": table},
         indent=2))

@@ -50,10 +50,12 @@ def lab_pattern(structure: Structure, two_theta: tuple[float, float, float], siz
     return Pattern(grid, y, np.sqrt(y), unit, wavelength, name)
 
 
-def max_pooled_pattern(structure: Structure, size_A: float):
+def max_pooled_pattern(structure: Structure, size_A: float, biso: float = 0.0, shift_bins: int = 0):
     """PXRDnet's representation, built independently of xtalsolve's forward model: pymatgen's stick pattern
     (Cu Kalpha) histogrammed on 4,096 Q bins (0 - 4 pi / lambda), convolved with the cube profile
-    D sinc^2(D Q / 2), max-normalised and max-pooled to 512 points (each the maximum of 8 bins)."""
+    D sinc^2(D Q / 2), max-normalised and max-pooled to 512 points (each the maximum of 8 bins). ``biso``
+    (angstrom^2): each stick times its Debye-Waller factor exp(-B Q^2 / 8 pi^2); ``shift_bins``: every stick moved
+    up by that many of the 4,096 bins (a zero offset)."""
     from pymatgen.analysis.diffraction.xrd import XRDCalculator
 
     sticks = XRDCalculator("CuKa").get_pattern(structure, two_theta_range=(0.0, 180.0))
@@ -61,7 +63,8 @@ def max_pooled_pattern(structure: Structure, size_A: float):
     q = 4 * np.pi * np.sin(np.radians(sticks.x) / 2) / wavelength
     edges = np.linspace(0.0, 4 * np.pi / wavelength, 4097)
     centres = 0.5 * (edges[1:] + edges[:-1])
-    binned, _ = np.histogram(q, bins=edges, weights=sticks.y)
+    binned, _ = np.histogram(q, bins=edges, weights=sticks.y * np.exp(-biso * q**2 / (8 * np.pi**2)))
+    binned = np.roll(binned, shift_bins)
     x = size_A * np.arange(-1024, 1025) * (edges[1] - edges[0]) / 2  # odd length: centred, no shift
     kernel = np.sinc(x / np.pi) ** 2
     y = np.convolve(binned, kernel / kernel.sum(), mode="same")

@@ -3,6 +3,7 @@ its cell and atoms off is brought back to the truth, and its residual falls belo
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -120,6 +121,32 @@ def test_a_max_pooled_pattern_is_fitted_with_the_calculated_pattern_pooled_alike
 
     batch.lattice.requires_grad_(True)
     losses[8].residual(batch).sum().backward()
+    assert torch.isfinite(batch.lattice.grad).all() and batch.lattice.grad.abs().sum() > 0
+
+
+def test_the_screening_fit_finds_an_overall_b_and_a_zero_offset(rutile):
+    """A max-pooled pattern with B = 1 angstrom^2 and every peak moved up by one fine bin: with the nuisance
+    trials the true crystal's residual falls to the noise-free floor, far below the fixed B = 0.5, no-offset
+    fit's, and still far below a crystal 0.5 % too large. The B trials' envelope on a B = 0 rendering (cheap)
+    must agree with rendering the Debye-Waller factor itself."""
+    from xtalsolve.pattern import Pattern
+
+    truth, _ = rutile
+    grid, y, wavelength = max_pooled_pattern(truth, 100.0, biso=1.0, shift_bins=1)
+    pattern = Pattern(grid, y, np.full_like(y, 1e-3), "q", wavelength, "rutile-b1-shifted", max_pool=8)
+    fixed, trials = pattern_loss(pattern, 100.0, "cube"), pattern_loss(pattern, 100.0, "cube", fit_nuisances=True)
+    strained = truth.copy()
+    strained.apply_strain(0.005)
+    batch = CrystalBatch.from_structures([truth, strained], dtype=torch.float64)
+    plain, fitted = fixed.residual(batch), trials.residual(batch)
+    assert fitted[0] < 0.005 and fitted[0] < 0.5 * plain[0]
+    assert fitted[1] > 5 * fitted[0]
+
+    direct = dataclasses.replace(fixed, biso=1.0, shift_trials=1)
+    envelope = dataclasses.replace(fixed, biso_trials=(1.0,), shift_trials=1)
+    assert torch.allclose(direct.residual(batch), envelope.residual(batch), rtol=0.05)
+    batch.lattice.requires_grad_(True)
+    trials.residual(batch).sum().backward()
     assert torch.isfinite(batch.lattice.grad).all() and batch.lattice.grad.abs().sum() > 0
 
 

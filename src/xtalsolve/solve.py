@@ -34,6 +34,8 @@ is how many this run has already drawn for that cell (a generator with a ranked 
 
 RANK_BY = ("auto", "rwp", "fit", "both")
 """Orders of the refined candidates (:class:`SolveSettings` ``rank_by``)."""
+BISO_TRIALS = (0.0, 0.5, 1.0)
+"""Overall displacement parameters (angstrom^2) the screening fit tries with ``SolveSettings.fit_nuisances``."""
 FIT_STRUCTURE = ("auto", "full", "volume")
 """What the fit and the refinement may change in a candidate (:class:`SolveSettings` ``fit_structure``)."""
 
@@ -94,7 +96,13 @@ class SolveSettings:
     a cell's shape and the coordinates fit the humps' details, and a prototype's geometry, taken from a real
     crystal, is the better estimate. Measured on the PXRDnet protocol at 10 A:
     candidates that matched the truth as drawn (rms 0.01-0.05) no longer matched after the full fit, and ranked
-    by the screening fit the strict matches came first far more often with the volume fit (docs/solver.md)."""
+    by the screening fit the strict matches came first far more often with the volume fit (docs/solver.md).
+
+    ``fit_nuisances``: the screening fit also tries, per candidate, an overall displacement parameter B
+    (:data:`BISO_TRIALS`) and, on a max-pooled pattern, a zero offset of one sub-point either way, in place of the
+    fixed B = 0.5 angstrom^2 and zero offset (:func:`pattern_loss`). It brings the true crystal's residual on a
+    PXRDnet-protocol pattern (B = 0, peaks moved by +0.002 1/angstrom) down to the noise, 0.002 from 0.010, but
+    wrong candidates gain too; off by default until it ranks better (docs/solver.md, session 15)."""
 
     samples: int = 32
     max_trials: int = 5
@@ -114,6 +122,7 @@ class SolveSettings:
     rwp_ranking_observations: float = 40.0
     crystallite_shape: str = "lorentzian"
     fit_structure: str = "auto"
+    fit_nuisances: bool = False
 
     def __post_init__(self):
         from xtalsolve.physics.powder import check_shape
@@ -224,13 +233,17 @@ def explore_then_exploit(trials: Sequence[CellTrial], samples: int, explore: flo
     return round1, round2
 
 
-def pattern_loss(pattern: Pattern, size_A: float | None = None, shape: str = "lorentzian"):
+def pattern_loss(pattern: Pattern, size_A: float | None = None, shape: str = "lorentzian",
+                 fit_nuisances: bool = False):
     """The mismatch the candidates are fitted and ranked by: the pattern on the model's Q grid (normalised,
     masked outside the measured range) against the forward model with free scale and background; crystallite
     size ``size_A`` (angstrom) or fitted per candidate; size-broadening model ``shape``
     (:data:`xtalsolve.physics.powder.CRYSTALLITE_SHAPES`). A max-pooled pattern (``Pattern.max_pool`` > 1) is
     compared on its own uniform Q grid, in the model's Q window, with the calculated pattern pooled alike:
-    interpolating it onto another grid would blend the pooling into a shape no forward model reproduces."""
+    interpolating it onto another grid would blend the pooling into a shape no forward model reproduces.
+    ``fit_nuisances``: each candidate's residual is the best over an overall displacement parameter B of 0, 0.5
+    and 1 angstrom^2 and, on a max-pooled pattern, a zero offset of -1, 0 or +1 sub-point
+    (:class:`~xtalsolve.diffusion.guidance.PatternLoss` ``biso_trials``, ``shift_trials``)."""
     import torch
 
     from xtalsolve.data.augment import Augmentation, model_input
@@ -241,7 +254,7 @@ def pattern_loss(pattern: Pattern, size_A: float | None = None, shape: str = "lo
     if pattern.max_pool == 1:
         observed, mask = model_input(pattern, aug)
         return PatternLoss(aug.grid, observed.double(), mask, instrument=instrument_of(pattern), size=size_A,
-                           shape=shape)
+                           shape=shape, biso_trials=BISO_TRIALS if fit_nuisances else None)
     q = pattern.q
     steps = np.diff(q)
     if len(q) < 2 or np.ptp(steps) > 1e-6 * steps.mean():
@@ -253,7 +266,8 @@ def pattern_loss(pattern: Pattern, size_A: float | None = None, shape: str = "lo
     y = pattern.y[mask] - pattern.y[mask].min()
     observed = torch.as_tensor(y / max(float(y.max()), 1e-30), dtype=torch.float64)
     return PatternLoss(torch.as_tensor(q[mask]), observed, torch.ones(int(mask.sum()), dtype=torch.bool),
-                       instrument=instrument_of(pattern), size=size_A, shape=shape, pool=pattern.max_pool)
+                       instrument=instrument_of(pattern), size=size_A, shape=shape, pool=pattern.max_pool,
+                       biso_trials=BISO_TRIALS if fit_nuisances else None, shift_trials=1 if fit_nuisances else 0)
 
 
 def repeats(structures: Sequence[Structure | None], residuals: Sequence[float] | None = None) -> list[int | None]:
@@ -545,7 +559,7 @@ def solve(
     say = progress or (lambda message: None)
 
     options = {"size": settings.size_hint_A} if settings.size_hint_A else {}
-    loss = pattern_loss(pattern, settings.size_hint_A, settings.crystallite_shape)
+    loss = pattern_loss(pattern, settings.size_hint_A, settings.crystallite_shape, settings.fit_nuisances)
     coherence = estimated_size(loss)
     fit = structure_fit(settings, loss, coherence)
     price = prior_price(settings, fit)
