@@ -4,6 +4,7 @@ its cell and atoms off is brought back to the truth, and its residual falls belo
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import pytest
 import torch

@@ -251,10 +251,11 @@ def pattern_loss(pattern: Pattern, size_A: float | None = None, shape: str = "lo
     from xtalsolve.refine import instrument_of
 
     aug = Augmentation()
+    trials = BISO_TRIALS if fit_nuisances else None
     if pattern.max_pool == 1:
         observed, mask = model_input(pattern, aug)
         return PatternLoss(aug.grid, observed.double(), mask, instrument=instrument_of(pattern), size=size_A,
-                           shape=shape, biso_trials=BISO_TRIALS if fit_nuisances else None)
+                           shape=shape, biso_trials=trials)
     q = pattern.q
     steps = np.diff(q)
     if len(q) < 2 or np.ptp(steps) > 1e-6 * steps.mean():
@@ -267,7 +268,7 @@ def pattern_loss(pattern: Pattern, size_A: float | None = None, shape: str = "lo
     observed = torch.as_tensor(y / max(float(y.max()), 1e-30), dtype=torch.float64)
     return PatternLoss(torch.as_tensor(q[mask]), observed, torch.ones(int(mask.sum()), dtype=torch.bool),
                        instrument=instrument_of(pattern), size=size_A, shape=shape, pool=pattern.max_pool,
-                       biso_trials=BISO_TRIALS if fit_nuisances else None, shift_trials=1 if fit_nuisances else 0)
+                       biso_trials=trials, shift_trials=int(fit_nuisances))
 
 
 def repeats(structures: Sequence[Structure | None], residuals: Sequence[float] | None = None) -> list[int | None]:
