@@ -77,7 +77,7 @@ def readable(path: Path):
 def main() -> None:
     from xtalsolve.physics.powder import CRYSTALLITE_SHAPES
     from xtalsolve.prototypes import LIBRARIES
-    from xtalsolve.solve import FIT_STRUCTURE, RANK_BY
+    from xtalsolve.solve import FIT_STRUCTURE, RANK_BY, SolveSettings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -99,6 +99,11 @@ def main() -> None:
                              "then pools its calculated pattern alike on the pattern's own grid")
     parser.add_argument("--fit-nuisances", action="store_true",
                         help="the screening fit also tries an overall B and (max-pooled) a zero offset per candidate")
+    parser.add_argument("--restarts", type=int, nargs=2, default=(SolveSettings.restart_top, SolveSettings.restarts),
+                        metavar=("TOP", "N"), help="the TOP best screened candidates are fitted N more times from "
+                        "other random starts (SolveSettings.restart_top / restarts; 0 0: none)")
+    parser.add_argument("--restart-within", type=float, default=SolveSettings.restart_within,
+                        help="only candidates whose screen score is within this factor of the best are restarted")
     parser.add_argument("--rank-by", default="auto", choices=RANK_BY)
     parser.add_argument("--fit-structure", default="auto", choices=FIT_STRUCTURE)
     parser.add_argument("--ids", type=Path, default=None,
@@ -124,7 +129,7 @@ def main() -> None:
     from xtalsolve.data.structures import Pool
     from xtalsolve.metrics import TOLERANCES, match
     from xtalsolve.pattern import Pattern
-    from xtalsolve.solve import SolveSettings, diffusion_generator, mixed_generator, solve
+    from xtalsolve.solve import diffusion_generator, mixed_generator, solve
     from xtalsolve.prototypes import prototype_generator
     from xtalsolve.symmetric import symmetric_generator
 
@@ -171,7 +176,8 @@ def main() -> None:
                 settings = SolveSettings(samples=args.samples, natoms=len(reference), seed=args.seed,
                                          size_hint_A=size, crystallite_shape=args.crystallite_shape,
                                          rank_by=args.rank_by, fit_structure=args.fit_structure,
-                                         fit_nuisances=args.fit_nuisances)
+                                         fit_nuisances=args.fit_nuisances, restart_top=args.restarts[0],
+                                         restarts=args.restarts[1], restart_within=args.restart_within)
                 try:
                     summary = solve(pattern, reference.composition.reduced_formula, generate, out, settings)
                     # refined candidates by priced Rwp, then the other fitted ones by their priced fit residual,
@@ -209,6 +215,7 @@ def main() -> None:
         {"set": args.set, "checkpoint": str(args.checkpoint), "samples": args.samples, "candidates": args.candidates,
          "steps": args.steps, "crystallite_shape": args.crystallite_shape, "rank_by": args.rank_by,
          "fit_structure": args.fit_structure, "max_pooled": args.max_pooled, "fit_nuisances": args.fit_nuisances,
+         "restarts": list(args.restarts), "restart_within": args.restart_within,
          "library": args.library, "redecorate": not args.no_redecorate,
          "ids": sorted(only) if only is not None else None, "table": table},
         indent=2))

@@ -311,3 +311,39 @@ def test_solve_takes_a_max_pooled_pattern_and_ranks_the_truth_first(tmp_path, ru
     assert StructureMatcher().fit(Structure.from_file(tmp_path / summary["candidates"][0]["cif"]), truth)
     fitted = min(summary["screened"], key=lambda c: c["screen_residual"])
     assert fitted["index"] == 0 and fitted["screen_residual"] < 0.01
+
+
+def test_the_best_candidates_are_fitted_again_from_other_starts(tmp_path, monkeypatch):
+    """A candidate whose one screening fit ended in a false minimum (the drawn Rb2O-type FeAs2 of
+    test_polish) is fitted again from other random starts, keeps its best fit and then refines to the truth; a
+    resumed run does not fit it again."""
+    from test_polish import MARCASITE_DRAWN, MARCASITE_TRUTH
+
+    from prototypes import lab_pattern
+
+    pattern = lab_pattern(MARCASITE_TRUTH, (15.0, 90.0, 0.02), 100.0, "FeAs2-simulated")
+
+    def generate(cell, n, seed, skip=0):
+        return [MARCASITE_DRAWN.copy() for _ in range(n)]
+
+    base = SolveSettings(samples=1, natoms=6, refine_max_nfev=8, refine_top=1, size_hint_A=100.0)
+    once = solve(pattern, "FeAs2", generate, tmp_path / "once", replace(base, restarts=0))
+    again = solve(pattern, "FeAs2", generate, tmp_path / "again", replace(base, restarts=3))
+    assert again["screened"][0]["screen_residual"] < 0.2 * once["screened"][0]["screen_residual"]
+    record = json.loads(next((tmp_path / "again" / "candidates").glob("*.json")).read_text())
+    assert record["restarts"] == 3 and record["screen_residual"] == again["screened"][0]["screen_residual"]
+    assert record["first_screen_residual"] == pytest.approx(once["screened"][0]["screen_residual"])
+    assert set(again["stage_timing_s"]) == {"screen", "restarts", "refinement"}
+    assert sum(again["stage_timing_s"].values()) <= again["timing_s"]
+    matcher = StructureMatcher()
+    assert matcher.fit(Structure.from_file(tmp_path / "again" / "rank01.cif"), MARCASITE_TRUTH)
+    assert not matcher.fit(Structure.from_file(tmp_path / "once" / "rank01.cif"), MARCASITE_TRUTH)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a resumed run drew or fitted again")
+
+    monkeypatch.setattr("xtalsolve.polish.polish", must_not_run)
+    resumed = solve(pattern, "FeAs2", must_not_run, tmp_path / "again", replace(base, restarts=3))
+    assert resumed["screened"] == again["screened"]
+    with pytest.raises(XtalsolveError, match="restarts must be >= 0"):
+        SolveSettings(restarts=-1)

@@ -209,11 +209,12 @@ def prescan_strain(batch: CrystalBatch, loss: PatternLoss, symmetry: SymmetryPro
 
 
 def polish_batch(batch: CrystalBatch, loss: PatternLoss, settings: PolishSettings = PolishSettings(),
-                 symmetry: SymmetryProjectors | None = None) -> tuple[CrystalBatch, torch.Tensor]:
+                 symmetry: SymmetryProjectors | None = None, seed: int = 0) -> tuple[CrystalBatch, torch.Tensor]:
     """Fit every crystal of ``batch`` to ``loss``'s pattern (cell strain + coordinates, kept in each crystal's
     space group by ``symmetry``, default P1); returns the fitted batch and its final (unblurred) residual norms
     (B,). ``loss.size`` None: the crystallite size is fitted per crystal at the fractions
-    ``settings.refit_size_at`` of the run and left set on the returned batch's loss."""
+    ``settings.refit_size_at`` of the run and left set on the returned batch's loss. ``seed``: of the prescan's
+    random trial cells."""
     batch = batch.to(dtype=torch.float64)
     own_size = loss.size is None
     bsz, n_sites = batch.numbers.shape
@@ -223,7 +224,7 @@ def polish_batch(batch: CrystalBatch, loss: PatternLoss, settings: PolishSetting
                                       symmetry.shift)
     blur_start = settings.blur_start
     if settings.prescan_starts > 0 or settings.prescan_scalings > 0:
-        start = prescan_strain(batch, loss, symmetry, settings)
+        start = prescan_strain(batch, loss, symmetry, settings, seed)
         blur_start = min(blur_start, settings.prescan_blur)  # the prescan placed the cell: no coarser than it
     else:
         start = torch.zeros(len(batch), 6, dtype=torch.float64)
@@ -270,15 +271,16 @@ def polish_batch(batch: CrystalBatch, loss: PatternLoss, settings: PolishSetting
 
 
 def polish(structures: Sequence[Structure], loss: PatternLoss, settings: PolishSettings = PolishSettings(),
-           chunk: int = 64) -> tuple[list[Structure], np.ndarray]:
+           chunk: int = 64, seed: int = 0) -> tuple[list[Structure], np.ndarray]:
     """Public entry: fit pymatgen ``structures`` to the pattern of ``loss``, each within its own space group
     (spglib, 1e-3 angstrom); returns the fitted structures and their residual norms, in the input order. Done
-    in chunks of ``chunk`` crystals (memory)."""
+    in chunks of ``chunk`` crystals (memory). The fit is multimodal and its prescan random: another ``seed``
+    can end a crystal in another minimum (how the solver restarts its best candidates)."""
     fitted, residuals = [], []
     for start in range(0, len(structures), chunk):
         part = list(structures[start:start + chunk])
         batch = CrystalBatch.from_structures(part, dtype=torch.float64)
-        out, res = polish_batch(batch, loss, settings, SymmetryProjectors.of(part, batch.numbers.shape[1]))
+        out, res = polish_batch(batch, loss, settings, SymmetryProjectors.of(part, batch.numbers.shape[1]), seed)
         fitted += out.to_structures()
         residuals.append(res.numpy())
     return fitted, np.concatenate(residuals) if residuals else np.zeros(0)
