@@ -584,6 +584,14 @@ def solve(
                                   **({} if fit == "full" else {"lattice_only": 1.0, "isotropic": True}))
     records = []
 
+    def keep_fit(record: dict, structure: Structure, residual: float, path: Path) -> None:
+        """Set ``structure`` (residual ``residual``) as the fitted crystal of ``record``, scored, its CIF beside
+        ``path``."""
+        record |= {"screen_residual": residual, "screen_cif": structure.to(fmt="cif"),
+                   "screen_free_parameters": free_parameters(structure)}
+        _scored(record, settings, price)
+        write_cif(structure, path.with_suffix(".cif"))
+
     def screen(plan: list[tuple[CellTrial, int]], stage: int) -> None:
         """Draw and fit the candidates of ``plan``; every one is stored as it is screened (resumable)."""
         for trial, count in plan:
@@ -602,10 +610,7 @@ def solve(
                           "prior_rank": structures[i].properties.get("prior_rank"),
                           "origin": structures[i].properties.get("origin")}
                 if np.isfinite(residuals[i]) and fitted[i].volume > 0:
-                    record |= {"screen_residual": float(residuals[i]), "screen_cif": fitted[i].to(fmt="cif"),
-                               "screen_free_parameters": free_parameters(fitted[i])}
-                    _scored(record, settings, price)
-                    write_cif(fitted[i], path.with_suffix(".cif"))
+                    keep_fit(record, fitted[i], float(residuals[i]), path)
                 else:  # a collapsed or exploded candidate must not end the run
                     record["failed"] = "the local fit diverged"
                 path.write_text(json.dumps(record))
@@ -621,7 +626,15 @@ def solve(
             if "screen_residual" in r:
                 best_residual[r["z"]] = min(best_residual.get(r["z"], np.inf), r["screen_score"])
         screen(round2(best_residual), 1)
-    stages = {"screen": time.perf_counter() - start}
+    stages, mark = {}, start
+
+    def lap(stage: str) -> None:
+        """Record the seconds since the previous lap as ``stage``."""
+        nonlocal mark
+        now = time.perf_counter()
+        stages[stage], mark = now - mark, now
+
+    lap("screen")
 
     def restart(chosen: list[dict]) -> None:
         """Fit the draws of ``chosen`` again from ``settings.restarts`` other random starts each; a record keeps
@@ -640,10 +653,7 @@ def solve(
             record |= {"restarts": settings.restarts, "first_screen_residual": record["screen_residual"]}
             path = _candidate_file(store, record["z"], record["index"])
             if residuals[k, j] < record["screen_residual"] and structure.volume > 0:
-                record |= {"screen_residual": float(residuals[k, j]), "screen_cif": structure.to(fmt="cif"),
-                           "screen_free_parameters": free_parameters(structure)}
-                _scored(record, settings, price)
-                write_cif(structure, path.with_suffix(".cif"))
+                keep_fit(record, structure, float(residuals[k, j]), path)
             path.write_text(json.dumps(record))
 
     def by_screen() -> list[dict]:
@@ -655,7 +665,7 @@ def solve(
     if fit == "full" and settings.restarts > 0 and settings.restart_top > 0:
         restart(distinct(screened, settings.restart_top))
         screened = by_screen()
-    stages["restarts"] = time.perf_counter() - start - stages["screen"]
+    lap("restarts")
     # full Rietveld for the best screened candidates (kept on disk too, so a resumed run skips them)
     observations, size = _observations(loss, Structure.from_str(screened[0]["screen_cif"], fmt="cif"),
                                        settings.size_hint_A)
@@ -692,7 +702,7 @@ def solve(
             best_rwp = min(best_rwp, result.rwp)
         path.write_text(json.dumps(record))
 
-    stages["refinement"] = time.perf_counter() - start - stages["screen"] - stages["restarts"]
+    lap("refinement")
     ranked = sorted((r for r in records if "rwp" in r), key=lambda r: _rank_key(r, basis))
     candidates = []
     for rank, record in enumerate(ranked, start=1):
