@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, nargs=2, default=(SolveSettings.restart_top, SolveSettings.restarts),
                         metavar=("TOP", "N"), help="the TOP best screened candidates are fitted N more times from "
                         "other random starts (SolveSettings.restart_top / restarts; 0 0: none)")
+    parser.add_argument("--refine-top", type=int, default=SolveSettings.refine_top,
+                        help="distinct screened candidates refined by Rietveld and ranked (SolveSettings.refine_top)")
     parser.add_argument("--restart-within", type=float, default=SolveSettings.restart_within,
                         help="only candidates whose screen score is within this factor of the best are restarted")
     parser.add_argument("--rank-by", default="auto", choices=RANK_BY)
@@ -177,7 +179,8 @@ def main() -> None:
                                          size_hint_A=size, crystallite_shape=args.crystallite_shape,
                                          rank_by=args.rank_by, fit_structure=args.fit_structure,
                                          fit_nuisances=args.fit_nuisances, restart_top=args.restarts[0],
-                                         restarts=args.restarts[1], restart_within=args.restart_within)
+                                         restarts=args.restarts[1], restart_within=args.restart_within,
+                                         refine_top=args.refine_top)
                 try:
                     summary = solve(pattern, reference.composition.reduced_formula, generate, out, settings)
                     # refined candidates by priced Rwp, then the other fitted ones by their priced fit residual,
@@ -215,7 +218,7 @@ def main() -> None:
         {"set": args.set, "checkpoint": str(args.checkpoint), "samples": args.samples, "candidates": args.candidates,
          "steps": args.steps, "crystallite_shape": args.crystallite_shape, "rank_by": args.rank_by,
          "fit_structure": args.fit_structure, "max_pooled": args.max_pooled, "fit_nuisances": args.fit_nuisances,
-         "restarts": list(args.restarts), "restart_within": args.restart_within,
+         "restarts": list(args.restarts), "restart_within": args.restart_within, "refine_top": args.refine_top,
          "library": args.library, "redecorate": not args.no_redecorate,
          "ids": sorted(only) if only is not None else None, "table": table},
         indent=2))

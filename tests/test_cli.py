@@ -56,6 +56,7 @@ def test_simulate_writes_xy_with_peaks_where_pymatgen_puts_them(tmp_path, rocksa
         (["solve", "{xy}", "--formula", "NaCl", "--library", "icsd", "--out", "x"], "unknown prototype library"),
         (["solve", "{xy}", "--formula", "NaCl", "--fit-structure", "maybe", "--out", "x"], "unknown structure fit"),
         (["solve", "{xy}", "--formula", "NaCl", "--max-pool", "8", "--out", "x"], "uniform Q grid"),
+        (["solve", "{xy}", "--formula", "NaCl", "--refine", "0", "--out", "x"], "at least one candidate must be refined"),
     ],
 )
 def test_simulate_bad_input_gives_one_line(tmp_path, rocksalt, args, message):

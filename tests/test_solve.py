@@ -313,6 +313,36 @@ def test_solve_takes_a_max_pooled_pattern_and_ranks_the_truth_first(tmp_path, ru
     assert fitted["index"] == 0 and fitted["screen_residual"] < 0.01
 
 
+def test_a_finished_run_resumed_with_more_refined_refines_only_the_new_ones(tmp_path, monkeypatch, rutile_pattern):
+    """``refine_top`` (``solve --refine N``) is how many distinct screened candidates are refined and ranked;
+    resuming a finished run with a larger one refines the next candidates without drawing or fitting again, and
+    keeps the refinements it has."""
+    truth, pattern = rutile_pattern
+    rutile = Structure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.55, 2.93), ["Ti", "O"],
+                                       [[0, 0, 0], [0.30, 0.30, 0]])
+    anatase = Structure.from_spacegroup("I4_1/amd", Lattice.tetragonal(3.785, 9.514), ["Ti", "O"],
+                                        [[0, 0, 0], [0, 0, 0.2083]]).get_primitive_structure()
+    assert len(anatase) == 6
+
+    def generate(cell, n, seed, skip=0):
+        return [s.copy() for s in [rutile, anatase][skip:skip + n]]
+
+    base = SolveSettings(samples=2, natoms=6, refine_max_nfev=8, refine_top=1, restarts=0)
+    once = solve(pattern, "TiO2", generate, tmp_path, base)
+    assert len(once["candidates"]) == 1 and len(once["screened"]) == 2
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a resumed run drew or fitted again")
+
+    monkeypatch.setattr("xtalsolve.polish.polish", must_not_run)
+    more = solve(pattern, "TiO2", must_not_run, tmp_path, replace(base, refine_top=2))
+    assert len(more["candidates"]) + len(more["abandoned"]) == 2  # the second refined (or given up) now
+    assert more["candidates"][0]["rwp"] == once["candidates"][0]["rwp"]  # the first kept, not refined again
+    assert StructureMatcher().fit(Structure.from_file(tmp_path / "rank01.cif"), truth)
+    with pytest.raises(XtalsolveError, match="at least one candidate must be refined"):
+        SolveSettings(refine_top=0)
+
+
 def test_the_best_candidates_are_fitted_again_from_other_starts(tmp_path, monkeypatch):
     """A candidate whose one screening fit ended in a false minimum (the drawn Rb2O-type FeAs2 of
     test_polish) is fitted again from other random starts, keeps its best fit and then refines to the truth; a

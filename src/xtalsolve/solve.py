@@ -147,6 +147,8 @@ class SolveSettings:
             raise XtalsolveError(f"unknown structure fit {self.fit_structure!r}; choose from "
                                  f"{', '.join(FIT_STRUCTURE)}", "--fit-structure")
         check_shape(self.crystallite_shape)
+        if self.refine_top < 1:
+            raise XtalsolveError(f"at least one candidate must be refined, not {self.refine_top}", "--refine")
         if self.restarts < 0 or self.restart_top < 0:
             raise XtalsolveError(f"restarts must be >= 0, not {min(self.restarts, self.restart_top)}", "--restarts")
 
