@@ -313,6 +313,11 @@ def test_solve_takes_a_max_pooled_pattern_and_ranks_the_truth_first(tmp_path, ru
     assert fitted["index"] == 0 and fitted["screen_residual"] < 0.01
 
 
+def must_not_run(*args, **kwargs):
+    """Stands in for the generator and the fit of a resumed run, which must reuse what is stored."""
+    raise AssertionError("a resumed run drew or fitted again")
+
+
 def test_a_finished_run_resumed_with_more_refined_refines_only_the_new_ones(tmp_path, monkeypatch, rutile_pattern):
     """``refine_top`` (``solve --refine N``) is how many distinct screened candidates are refined and ranked;
     resuming a finished run with a larger one refines the next candidates without drawing or fitting again, and
@@ -330,9 +335,6 @@ def test_a_finished_run_resumed_with_more_refined_refines_only_the_new_ones(tmp_
     base = SolveSettings(samples=2, natoms=6, refine_max_nfev=8, refine_top=1, restarts=0)
     once = solve(pattern, "TiO2", generate, tmp_path, base)
     assert len(once["candidates"]) == 1 and len(once["screened"]) == 2
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("a resumed run drew or fitted again")
 
     monkeypatch.setattr("xtalsolve.polish.polish", must_not_run)
     more = solve(pattern, "TiO2", must_not_run, tmp_path, replace(base, refine_top=2))
@@ -368,9 +370,6 @@ def test_the_best_candidates_are_fitted_again_from_other_starts(tmp_path, monkey
     matcher = StructureMatcher()
     assert matcher.fit(Structure.from_file(tmp_path / "again" / "rank01.cif"), MARCASITE_TRUTH)
     assert not matcher.fit(Structure.from_file(tmp_path / "once" / "rank01.cif"), MARCASITE_TRUTH)
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("a resumed run drew or fitted again")
 
     monkeypatch.setattr("xtalsolve.polish.polish", must_not_run)
     resumed = solve(pattern, "FeAs2", must_not_run, tmp_path / "again", replace(base, restarts=3))
