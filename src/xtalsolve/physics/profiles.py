@@ -59,6 +59,25 @@ def pseudo_voigt(dx: torch.Tensor, fwhm: torch.Tensor, eta: torch.Tensor, area=1
     return profile
 
 
+def pseudo_voigt_partials(dx: torch.Tensor, fwhm: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """The unit-area pseudo-Voigt at offsets ``dx`` = x - centre and its derivatives with respect to the peak
+    centre, the FWHM and eta, stacked on a last axis of four: (value, d/d centre, d/d fwhm, d/d eta), in the
+    unit of ``dx`` (degrees 2theta in the refinement). Closed form (checked against autograd in the tests):
+    a Rietveld Jacobian needs these for every peak and point, and forward-mode autograd would render each peak
+    once per refined parameter instead of once."""
+    rate = 4.0 * math.log(2.0)
+    d2 = dx * dx
+    w2 = fwhm * fwhm
+    gauss = math.sqrt(rate / math.pi) / fwhm * torch.exp(-rate * d2 / w2)
+    h2 = 0.25 * w2
+    denom = d2 + h2
+    lorentz = 0.5 * fwhm / math.pi / denom
+    value = gauss + eta * (lorentz - gauss)
+    d_centre = (1.0 - eta) * gauss * (2.0 * rate * dx / w2) + eta * lorentz * (2.0 * dx / denom)
+    d_fwhm = (1.0 - eta) * gauss * (2.0 * rate * d2 / (w2 * fwhm) - 1.0 / fwhm) + eta * (d2 - h2) / (2.0 * math.pi * denom * denom)
+    return torch.stack([value, d_centre, d_fwhm, lorentz - gauss], dim=-1)
+
+
 def berar_baldinozzi(dx: torch.Tensor, fwhm: torch.Tensor, two_theta: torch.Tensor, p1, p2, p3=0.0, p4=0.0) -> torch.Tensor:
     """Berar-Baldinozzi peak-asymmetry factor (J.-F. Berar and G. Baldinozzi, J. Appl. Cryst. 26, 128 (1993)),
     the multiplier of a symmetric profile that FullProf uses for axial divergence:
