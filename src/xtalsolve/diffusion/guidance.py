@@ -142,6 +142,8 @@ class PatternLoss:
     def residual(self, batch: CrystalBatch, size=None, blur: float = 0.0) -> torch.Tensor:
         """Residual norms (B,); ``blur``: Gaussian std (1/angstrom) applied to both patterns before comparing."""
         size = self.size if size is None else size
+        if torch.is_tensor(size):
+            size = size.to(batch.lattice.dtype)
         grid = self.grid.to(batch.lattice.dtype)
         step = float(self.grid[1] - self.grid[0])
         sub = step / self.pool
