@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from pymatgen.core import Structure
@@ -32,6 +33,22 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def assert_jacobian_matches_differences(recipe, names: list[str], relative_step: float = 1e-6) -> None:
+    """Every column of ``recipe.jacobian`` at its current free parameters (named ``names``) equals central finite
+    differences of ``recipe.residual`` (step ``relative_step`` times the value, at least that times 0.01), and
+    none is identically zero."""
+    x = recipe.parameters.vector()
+    jac = recipe.jacobian(x)
+    for i, name in enumerate(names):
+        h = relative_step * max(abs(x[i]), 1e-2)
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        numeric = (recipe.residual(up) - recipe.residual(down)) / (2 * h)
+        assert np.abs(numeric).max() > 0, name
+        assert np.allclose(jac[:, i], numeric, rtol=1e-4, atol=1e-6 * np.abs(numeric).max() + 1e-9), name
 
 
 def read_structures(path: Path, n: int, seed: int = 0) -> list[Structure]:
