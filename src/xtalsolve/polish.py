@@ -179,7 +179,7 @@ def _trial_residuals(batch: CrystalBatch, loss: PatternLoss, strains: torch.Tens
         deform = torch.eye(3, dtype=torch.float64) + _symmetric(part.clamp(-max_strain, max_strain))
         trial = CrystalBatch((batch.lattice[:, None] @ deform).reshape(-1, 3, 3), batch.frac.repeat_interleave(c, 0),
                              batch.numbers.repeat_interleave(c, 0), batch.occupancy.repeat_interleave(c, 0))
-        value = loss.residual(trial.to(dtype=dtype), size=size.repeat_interleave(c).to(dtype), blur=blur)
+        value = loss.residual(trial.to(dtype=dtype), size=size.repeat_interleave(c), blur=blur)
         residuals[:, lo:lo + c] = torch.nan_to_num(value, nan=np.inf).reshape(bsz, c)
     return residuals
 

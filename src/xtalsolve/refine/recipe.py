@@ -350,8 +350,9 @@ class Recipe:
             jac[:, whole] = torch.func.jacfwd(sub)(t[other]).numpy()
         if through_peaks:
             jac[:, through_peaks] = self._peak_jacobian(t, through_peaks).numpy()
-        for i in background:
-            jac[:, i] = -(self._chebyshev[self._mask, int(free[i].name[3:])] / self._sigma).numpy()
+        if background:
+            terms = [int(free[i].name[3:]) for i in background]
+            jac[:, background] = -(self._chebyshev[self._mask][:, terms] / self._sigma.unsqueeze(-1)).numpy()
         return jac
 
     def _peak_jacobian(self, t: torch.Tensor, columns: list[int]) -> torch.Tensor:
