@@ -167,6 +167,53 @@ def test_gradients_match_finite_differences(rocksalt):
     assert torch.autograd.gradcheck(pattern, (lattice, frac), eps=1e-6, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("table", ["waasmaier-kirfel", "pymatgen", "neutron"])
+@pytest.mark.parametrize("per_site_b", [True, False])
+@pytest.mark.parametrize("derivatives", ["closed-form", "autograd"])
+def test_structure_factor_derivatives_match_finite_differences(table, per_site_b, derivatives):
+    """The hand-written |F|^2 derivatives (reverse and forward mode, batched as jacfwd / jacrev use them) in
+    coordinates, s2, occupancies and per-site B, for both X-ray tables and neutrons, padding included; and the
+    same values and derivatives by autograd."""
+    from xtalsolve.physics.powder import species_per_structure, squared_structure_factor
+
+    gen = torch.Generator().manual_seed(0)
+    n_structures, n_sites, n_refl = 2, 5, 7
+    frac = torch.rand(n_structures, n_sites, 3, dtype=torch.float64, generator=gen).requires_grad_()
+    s2 = (0.3 * torch.rand(n_structures, n_refl, dtype=torch.float64, generator=gen)).requires_grad_()
+    occupancy = torch.rand(n_structures, n_sites, dtype=torch.float64, generator=gen).requires_grad_()
+    biso = torch.rand(n_structures, n_sites, dtype=torch.float64, generator=gen).requires_grad_()
+    hkl = torch.randint(-3, 4, (n_structures, n_refl, 3), generator=gen).double()
+    numbers = torch.tensor([[8, 8, 14, 26, 0], [1, 6, 6, 8, 92]])
+    if table == "neutron":
+        species, site_species = numbers, torch.arange(n_sites).expand(n_structures, n_sites)
+    else:
+        species, site_species = species_per_structure(numbers)
+
+    def f_squared(frac, s2, occupancy, *b):
+        return squared_structure_factor(frac, s2, occupancy, b[0] if b else None, hkl, species, site_species, table,
+                                        derivatives)
+
+    inputs = (frac, s2, occupancy) + ((biso,) if per_site_b else ())
+    if derivatives == "closed-form":
+        reference = squared_structure_factor(*inputs[:3], biso if per_site_b else None, hkl, species, site_species,
+                                             table, "autograd")
+        assert torch.allclose(f_squared(*inputs), reference, rtol=1e-12)
+    assert torch.autograd.gradcheck(f_squared, inputs, check_forward_ad=True, check_batched_grad=True,
+                                    check_batched_forward_grad=True)
+
+
+def test_form_factor_slope_is_the_derivative_of_the_table():
+    from xtalsolve.physics.scattering import xray_form_factor, xray_form_factor_slope
+
+    numbers = torch.tensor([1, 8, 26, 92])
+    s2 = torch.linspace(0.0, 2.0, 11, dtype=torch.float64).requires_grad_()
+    for table in ("waasmaier-kirfel", "pymatgen"):
+        f = xray_form_factor(numbers, s2, table)
+        autograd = torch.stack([torch.autograd.grad(f[:, u].sum(), s2, retain_graph=True)[0]
+                                for u in range(len(numbers))], -1)
+        assert torch.allclose(xray_form_factor_slope(numbers, s2.detach(), table), autograd, rtol=1e-10, atol=1e-12)
+
+
 def test_kalpha_doublet_adds_second_line(rocksalt):
     single = simulate_powder([rocksalt], instrument=Instrument(wavelength=1.54056))
     doublet = simulate_powder([rocksalt], instrument=Instrument(wavelength=1.54056, wavelength2=1.54439))

@@ -24,7 +24,12 @@ import torch
 from xtalsolve.crystal.batch import CrystalBatch, ragged_slots
 from xtalsolve.errors import XtalsolveError
 from xtalsolve.physics.profiles import caglioti_fwhm, pseudo_voigt, scherrer_fwhm, strain_fwhm, tch_fwhm_eta
-from xtalsolve.physics.scattering import check_elements, neutron_scattering_length, xray_form_factor
+from xtalsolve.physics.scattering import (
+    check_elements,
+    neutron_scattering_length,
+    xray_form_factor,
+    xray_form_factor_slope,
+)
 from xtalsolve.radiation import check_wavelength
 
 Number = float | torch.Tensor
@@ -138,6 +143,134 @@ def lorentz_polarisation(theta: torch.Tensor, radiation: str, monochromator_2the
     return lorentz * (1.0 + c * torch.cos(2.0 * theta) ** 2) * 2.0 / (1.0 + c)
 
 
+def scattering_factors(species: torch.Tensor, s2: torch.Tensor, table: str, slope: bool = False):
+    """Scattering factors (B, H, E) of each structure's species (B, E) at s2 (B, H) (1/angstrom^2): X-ray form
+    factors of ``table`` (electrons) or, for table "neutron", the bound coherent scattering lengths (fm);
+    with ``slope``, also d f / d s2 (zero for neutrons)."""
+    if table == "neutron":
+        f = torch.nan_to_num(neutron_scattering_length(species, dtype=s2.dtype)).unsqueeze(1)
+        f = f.expand(-1, s2.shape[1], -1)
+        return (f, torch.zeros_like(f)) if slope else f
+    f = xray_form_factor(species, s2, table)
+    return (f, xray_form_factor_slope(species, s2, table)) if slope else f
+
+
+def _structure_factor_parts(frac, s2, occupancy, biso, hkl, species, site_species, table):
+    """The per-site pieces of F and the partial derivatives of |F|^2 (see :class:`_SquaredStructureFactor`)."""
+    f, slope = scattering_factors(species, s2, table, slope=True)
+    index = site_species.unsqueeze(1).expand(-1, s2.shape[1], -1)
+    f_site, slope_site = torch.gather(f, 2, index), torch.gather(slope, 2, index)  # (B, H, N)
+    phase = torch.bmm(hkl, (2.0 * math.pi) * frac.transpose(1, 2))
+    cos_phase, sin_phase = torch.cos(phase), torch.sin(phase)
+    if biso is None:
+        debye_waller, b = torch.ones_like(f_site), 0.0
+    else:
+        debye_waller, b = torch.exp(-biso.unsqueeze(1) * s2.unsqueeze(-1)), biso.unsqueeze(1)
+    fd = f_site * debye_waller  # d g / d occ
+    g = occupancy.unsqueeze(1) * fd  # each site's weight in F
+    f_real = (g * cos_phase).sum(-1, keepdim=True)
+    f_imag = (g * sin_phase).sum(-1, keepdim=True)
+    by_weight = 2.0 * (f_real * cos_phase + f_imag * sin_phase)  # d|F|^2 / d g
+    by_phase = 2.0 * g * (f_imag * cos_phase - f_real * sin_phase)  # d|F|^2 / d (2 pi h.x)
+    by_s2 = (by_weight * occupancy.unsqueeze(1) * debye_waller * (slope_site - b * f_site)).sum(-1)
+    return by_phase, by_weight * fd, by_weight * g, by_s2
+
+
+def _squared_structure_factor(frac, s2, occupancy, biso, hkl, species, site_species, table):
+    """|F|^2 in plain torch operations (see :func:`squared_structure_factor`)."""
+    # F = sum_e f_e(s) sum_{j in e} occ_j T_j(s) exp(2 pi i h.x_j): the geometric sums per species e are one
+    # batched matrix product with the (B, N, E) matrix of occupancies by species, so that form factors are
+    # evaluated once per species and never gathered onto sites
+    f_species = scattering_factors(species, s2, table)
+    bsz, n_sites = occupancy.shape
+    occupancy_by_species = torch.zeros(bsz, n_sites, species.shape[1], dtype=s2.dtype, device=s2.device)
+    occupancy_by_species.scatter_(2, site_species.unsqueeze(-1), occupancy.unsqueeze(-1))
+    phase = torch.bmm(hkl, (2.0 * math.pi) * frac.transpose(1, 2))  # (B, H, N)
+    cos_phase, sin_phase = torch.cos(phase), torch.sin(phase)
+    if biso is not None:
+        debye_waller = torch.exp(-biso.unsqueeze(1) * s2.unsqueeze(-1))
+        cos_phase, sin_phase = cos_phase * debye_waller, sin_phase * debye_waller
+    f_real = (torch.bmm(cos_phase, occupancy_by_species) * f_species).sum(-1)
+    f_imag = (torch.bmm(sin_phase, occupancy_by_species) * f_species).sum(-1)
+    return f_real**2 + f_imag**2
+
+
+class _SquaredStructureFactor(torch.autograd.Function):
+    """|F_h|^2 = |sum_j occ_j f_j(s2) exp(-B_j s2) exp(2 pi i h.x_j)|^2 with hand-written derivatives
+
+        d|F|^2/dx_j   = 2 pi h  2 g_j (F_i cos_j - F_r sin_j),   g_j = occ_j f_j exp(-B_j s2)
+        d|F|^2/docc_j = 2 f_j exp(-B_j s2) (F_r cos_j + F_i sin_j)
+        d|F|^2/dB_j   = -s2 2 g_j (F_r cos_j + F_i sin_j)
+        d|F|^2/ds2    = sum_j 2 occ_j exp(-B_j s2) (f_j' - B_j f_j) (F_r cos_j + F_i sin_j)
+
+    for both reverse mode (the solver's gradients) and forward mode (the Rietveld Jacobian). Hand-written
+    because forward-mode autograd pushed one dense tangent per refined parameter through every (B, H, N)
+    intermediate of F; here a tangent costs one matrix product with the partials. The partials are recomputed
+    from the inputs when a derivative is asked for, so a plain evaluation costs no more than before."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(frac, s2, occupancy, biso, hkl, species, site_species, table):
+        return _squared_structure_factor(frac, s2, occupancy, biso, hkl, species, site_species, table)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        frac, s2, occupancy, biso, hkl, species, site_species, table = inputs
+        ctx.save_for_backward(frac, s2, occupancy, biso, hkl, species, site_species)
+        ctx.save_for_forward(frac, s2, occupancy, biso, hkl, species, site_species)
+        ctx.table = table
+
+    @staticmethod
+    def backward(ctx, grad):
+        frac, s2, occupancy, biso, hkl, species, site_species = ctx.saved_tensors
+        by_phase, by_occ, by_g, by_s2 = _structure_factor_parts(frac, s2, occupancy, biso, hkl, species,
+                                                                site_species, ctx.table)
+        grads = [None] * 8
+        if ctx.needs_input_grad[0]:
+            grads[0] = (2.0 * math.pi) * torch.bmm((by_phase * grad.unsqueeze(-1)).transpose(1, 2), hkl)
+        if ctx.needs_input_grad[1]:
+            grads[1] = by_s2 * grad
+        if ctx.needs_input_grad[2]:
+            grads[2] = (by_occ * grad.unsqueeze(-1)).sum(1)
+        if ctx.needs_input_grad[3]:
+            grads[3] = -(by_g * (grad * s2).unsqueeze(-1)).sum(1)
+        return tuple(grads)
+
+    @staticmethod
+    def jvp(ctx, d_frac, d_s2, d_occupancy, d_biso, *_):
+        frac, s2, occupancy, biso, hkl, species, site_species = ctx.saved_tensors
+        by_phase, by_occ, by_g, by_s2 = _structure_factor_parts(frac, s2, occupancy, biso, hkl, species,
+                                                                site_species, ctx.table)
+        tangent = torch.zeros_like(s2)
+        if d_frac is not None:
+            tangent = tangent + (2.0 * math.pi) * (torch.bmm(by_phase, d_frac) * hkl).sum(-1)
+        if d_s2 is not None:
+            tangent = tangent + by_s2 * d_s2
+        if d_occupancy is not None:
+            tangent = tangent + torch.bmm(by_occ, d_occupancy.unsqueeze(-1)).squeeze(-1)
+        if d_biso is not None:
+            tangent = tangent - s2 * torch.bmm(by_g, d_biso.unsqueeze(-1)).squeeze(-1)
+        return tangent
+
+
+def squared_structure_factor(frac: torch.Tensor, s2: torch.Tensor, occupancy: torch.Tensor,
+                             biso: torch.Tensor | None, hkl: torch.Tensor, species: torch.Tensor,
+                             site_species: torch.Tensor, table: str, derivatives: str = "autograd") -> torch.Tensor:
+    """|F_hkl|^2 (B, H) of sites at ``frac`` (B, N, 3) with ``occupancy`` (B, N) and per-site B ``biso``
+    (B, N, angstrom^2; None: no Debye-Waller factor), at s2 = (sin(theta)/lambda)^2 (B, H, 1/angstrom^2) of
+    the reflections ``hkl`` (B, H, 3, float); ``species`` (B, E) and ``site_species`` (B, N) as from
+    :func:`species_per_structure` (for neutrons: the sites' atomic numbers and arange(N)); ``table`` a form-factor
+    table or "neutron". Differentiable in frac, s2, occupancy and biso. ``derivatives``: "autograd" (torch
+    differentiates the operations; the cheaper reverse mode for batches of trial structures) or "closed-form"
+    (:class:`_SquaredStructureFactor`; the cheaper forward mode, one tangent per refined parameter)."""
+    if derivatives == "closed-form":
+        return _SquaredStructureFactor.apply(frac, s2, occupancy, biso, hkl, species, site_species, table)
+    if derivatives != "autograd":
+        raise XtalsolveError(f"derivatives must be 'autograd' or 'closed-form', not {derivatives!r}")
+    return _squared_structure_factor(frac, s2, occupancy, biso, hkl, species, site_species, table)
+
+
 def bragg_intensities(
     batch: CrystalBatch,
     reflections: Reflections,
@@ -146,10 +279,12 @@ def bragg_intensities(
     radiation: str = "xray",
     form_factors: str = "waasmaier-kirfel",
     monochromator_2theta: float | None = None,
+    derivatives: str = "autograd",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bragg angles and integrated intensities of the enumerated reflections.
 
     biso: isotropic displacement B (angstrom^2), scalar, (B,) per structure or (B, N) per site.
+    derivatives: how |F|^2 is differentiated (see :func:`squared_structure_factor`).
     Returns theta (B, H) in radians and intensity (B, H) = m |F|^2 LP (zero where masked or beyond 2theta = 180).
     """
     lattice, frac = batch.lattice, batch.frac
@@ -162,30 +297,21 @@ def bragg_intensities(
     valid = reflections.mask.to(lattice.device) & (sin_theta < 1.0 - 1e-9)
     theta = torch.asin(torch.where(valid, sin_theta, torch.full_like(sin_theta, 0.5)))
 
-    # F = sum_e f_e(s) sum_{j in e} occ_j T_j(s) exp(2 pi i h.x_j): the geometric sums per species e are one
-    # batched matrix product with the (B, N, E) matrix of occupancies by species, so that form factors are
-    # evaluated once per species and never gathered onto sites
     if radiation == "neutron":
         species = batch.numbers
         site_species = torch.arange(n_sites, device=lattice.device).expand(bsz, n_sites)
-        f_species = torch.nan_to_num(neutron_scattering_length(species, dtype=lattice.dtype)).unsqueeze(1)  # (B, 1, N)
+        table = "neutron"
     else:
         species, site_species = species_per_structure(batch.numbers)
-        f_species = xray_form_factor(species, s2, form_factors)  # (B, H, E)
-    occupancy_by_species = torch.zeros(bsz, n_sites, species.shape[1], dtype=lattice.dtype, device=lattice.device)
-    occupancy_by_species.scatter_(2, site_species.unsqueeze(-1), batch.occupancy.unsqueeze(-1))
-    phase = torch.bmm(hkl, (2.0 * math.pi) * frac.transpose(1, 2))  # (B, H, N)
-    cos_phase, sin_phase = torch.cos(phase), torch.sin(phase)
+        table = form_factors
     b = torch.as_tensor(biso, dtype=lattice.dtype, device=lattice.device)
     if b.numel() == bsz * n_sites and b.dim() == 2:  # per-site Debye-Waller factors weight the sums
-        debye_waller = torch.exp(-b.unsqueeze(1) * s2.unsqueeze(-1))
-        cos_phase, sin_phase = cos_phase * debye_waller, sin_phase * debye_waller
-        overall = 1.0
+        f_squared = squared_structure_factor(frac, s2, batch.occupancy, b, hkl, species, site_species, table,
+                                             derivatives)
     else:  # one B per structure: a factor on |F|^2
-        overall = torch.exp(-2.0 * b.reshape(-1, 1) * s2)
-    f_real = (torch.bmm(cos_phase, occupancy_by_species) * f_species).sum(-1)
-    f_imag = (torch.bmm(sin_phase, occupancy_by_species) * f_species).sum(-1)
-    f_squared = (f_real**2 + f_imag**2) * overall
+        f_squared = squared_structure_factor(frac, s2, batch.occupancy, None, hkl, species, site_species, table,
+                                             derivatives)
+        f_squared = f_squared * torch.exp(-2.0 * b.reshape(-1, 1) * s2)
     intensity = 2.0 * f_squared * lorentz_polarisation(theta, radiation, monochromator_2theta)
     return theta, torch.where(valid, intensity, torch.zeros_like(intensity))
 

@@ -106,6 +106,22 @@ def xray_form_factor(numbers: torch.Tensor, s2: torch.Tensor, table: str = "waas
     raise XtalsolveError(f"unknown form-factor table {table!r}; use one of {', '.join(FORM_FACTOR_TABLES)}")
 
 
+def xray_form_factor_slope(numbers: torch.Tensor, s2: torch.Tensor, table: str = "waasmaier-kirfel") -> torch.Tensor:
+    """d f0 / d s2 (electrons angstrom^2) of :func:`xray_form_factor`, same arguments and shape: the closed-form
+    derivative of the table's Gaussian sum, for the hand-written structure-factor derivatives."""
+    dtype, device = s2.dtype, s2.device
+    s2 = s2.unsqueeze(-1).unsqueeze(-1)
+    if numbers.dim() == 2:
+        numbers = numbers.unsqueeze(1)
+    if table == "waasmaier-kirfel":
+        a, b, _ = _as_tensors(_waasmaier_kirfel, dtype, device)
+        return -(a[numbers] * b[numbers] * torch.exp(-b[numbers] * s2)).sum(-1)
+    if table == "pymatgen":
+        a, b = _as_tensors(_pymatgen_mott_bethe, dtype, device)
+        return -41.78214 * (a[numbers] * (1.0 - b[numbers] * s2) * torch.exp(-b[numbers] * s2)).sum(-1)
+    raise XtalsolveError(f"unknown form-factor table {table!r}; use one of {', '.join(FORM_FACTOR_TABLES)}")
+
+
 def neutron_scattering_length(numbers: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
     """Bound coherent scattering lengths (fm) for atomic numbers ``numbers``, shape of ``numbers``."""
     return torch.as_tensor(_neutron_lengths_fm(), dtype=dtype, device=numbers.device)[numbers]
