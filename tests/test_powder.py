@@ -202,6 +202,40 @@ def test_structure_factor_derivatives_match_finite_differences(table, per_site_b
                                     check_batched_forward_grad=True)
 
 
+@pytest.mark.parametrize("with_size", [True, False])
+def test_closed_form_widths_match_autograd(with_size):
+    """peak_shape(derivatives="closed-form") gives the same TCH widths as the composed functions, and its
+    hand-written derivatives in theta, U, V, W, X, Y, strain and size pass gradcheck in both modes."""
+    from xtalsolve.physics.powder import Instrument, peak_shape
+
+    gen = torch.Generator().manual_seed(1)
+    theta = (0.1 + 1.2 * torch.rand(2, 6, dtype=torch.float64, generator=gen)).requires_grad_()
+    profile = [(0.01 + 0.05 * torch.rand(2, 1, dtype=torch.float64, generator=gen)).requires_grad_() for _ in "uvwxy"]
+    strain = (1e-3 * torch.rand(2, 1, dtype=torch.float64, generator=gen)).requires_grad_()
+    size = (50.0 + 100.0 * torch.rand(2, 1, dtype=torch.float64, generator=gen)).requires_grad_()
+
+    def widths(theta, u, v, w, x, y, strain, *size, derivatives="closed-form"):
+        return peak_shape(theta, 1.54, Instrument(), size[0] if size else None, strain, u, v, w, x, y,
+                          derivatives=derivatives)
+
+    inputs = (theta, *profile, strain) + ((size,) if with_size else ())
+    for closed, reference in zip(widths(*inputs), widths(*inputs, derivatives="autograd")):
+        assert torch.allclose(closed, reference, rtol=1e-13, atol=0.0)
+    assert torch.autograd.gradcheck(widths, inputs, check_forward_ad=True, check_batched_grad=True,
+                                    check_batched_forward_grad=True)
+
+
+@pytest.mark.parametrize("radiation, monochromator", [("xray", None), ("xray", 26.6), ("neutron", None)])
+def test_closed_form_lorentz_polarisation(radiation, monochromator):
+    from xtalsolve.physics.powder import lorentz_polarisation
+
+    theta = torch.linspace(0.05, 1.5, 9, dtype=torch.float64).view(1, -1).requires_grad_()
+    closed = lambda t: lorentz_polarisation(t, radiation, monochromator, "closed-form")  # noqa: E731
+    assert torch.allclose(closed(theta), lorentz_polarisation(theta, radiation, monochromator), rtol=1e-14)
+    assert torch.autograd.gradcheck(closed, (theta,), check_forward_ad=True, check_batched_grad=True,
+                                    check_batched_forward_grad=True)
+
+
 def test_form_factor_slope_is_the_derivative_of_the_table():
     from xtalsolve.physics.scattering import xray_form_factor, xray_form_factor_slope
 

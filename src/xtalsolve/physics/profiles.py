@@ -41,6 +41,121 @@ def tch_fwhm_eta(fwhm_gauss: torch.Tensor, fwhm_lorentz: torch.Tensor) -> tuple[
     return fwhm, eta
 
 
+_TCH_FWHM = (1.0, 2.69269, 2.42843, 4.47163, 0.07842, 1.0)  # G^(5-k) L^k coefficients of the TCH width
+_TCH_ETA = (1.36603, -0.47719, 0.11116)  # q, q^2, q^3 coefficients of the TCH Lorentzian fraction
+
+
+def _widths_and_partials(theta, wavelength, u, v, w, x, y, strain, size):
+    """TCH fwhm and eta (B, H) as :func:`profile_widths` forms them, and their partial derivatives with respect to
+    theta, u, v, w, x, y, strain and size (each (B, H); size's None when size is None)."""
+    deg = 180.0 / math.pi
+    t, sec = torch.tan(theta), 1.0 / torch.cos(theta)
+    dt = sec * sec  # d tan / d theta
+    c2_raw = u * t * t + v * t + w
+    c2_live = (c2_raw >= 1e-12).to(theta.dtype)  # torch.clamp passes the gradient where the bound holds
+    strain_width = 4.0 * deg * strain * t
+    gauss = torch.sqrt(torch.clamp(c2_raw, min=1e-12) + strain_width**2)
+    lorentz = x * t + y * sec
+    size_term = 0.0 if size is None else SCHERRER_K * wavelength * deg * sec / size
+    lorentz = lorentz + size_term
+    # d gauss / d input = (d c2 / 2 + strain_width d strain_width) / gauss; d lorentz / d input
+    d_gauss = {"theta": (0.5 * c2_live * (2.0 * u * t + v) * dt + strain_width * 4.0 * deg * strain * dt) / gauss,
+               "u": 0.5 * c2_live * t * t / gauss, "v": 0.5 * c2_live * t / gauss, "w": 0.5 * c2_live / gauss,
+               "strain": strain_width * 4.0 * deg * t / gauss}
+    d_lorentz = {"theta": x * dt + (y * sec + size_term) * t, "x": t, "y": sec}
+    if size is not None:
+        d_lorentz["size"] = -size_term / size
+    powers_g = [gauss ** (5 - k) for k in range(6)]
+    powers_l = [lorentz**k for k in range(6)]
+    total = sum(c * pg * pl for c, pg, pl in zip(_TCH_FWHM, powers_g, powers_l))
+    fwhm = total**0.2
+    by_g = sum(c * (5 - k) * gauss ** (4 - k) * powers_l[k] for k, c in enumerate(_TCH_FWHM[:5]))
+    by_l = sum(c * k * powers_g[k] * lorentz ** (k - 1) for k, c in enumerate(_TCH_FWHM) if k)
+    q = lorentz / fwhm
+    eta_raw = _TCH_ETA[0] * q + _TCH_ETA[1] * q**2 + _TCH_ETA[2] * q**3
+    eta_live = ((eta_raw >= 0.0) & (eta_raw <= 1.0)).to(theta.dtype)
+    by_q = eta_live * (_TCH_ETA[0] + 2.0 * _TCH_ETA[1] * q + 3.0 * _TCH_ETA[2] * q**2)
+    partials = {}
+    for name in ("theta", "u", "v", "w", "x", "y", "strain", "size"):
+        dg, dl = d_gauss.get(name), d_lorentz.get(name)
+        if dg is None and dl is None:
+            partials[name] = None
+            continue
+        d_total = (0.0 if dg is None else by_g * dg) + (0.0 if dl is None else by_l * dl)
+        d_fwhm = 0.2 * fwhm / total * d_total
+        d_eta = by_q * ((0.0 if dl is None else dl) - q * d_fwhm) / fwhm
+        partials[name] = (torch.broadcast_to(d_fwhm, theta.shape), torch.broadcast_to(d_eta, theta.shape))
+    return fwhm, torch.clamp(eta_raw, 0.0, 1.0), partials
+
+
+_WIDTH_INPUTS = ("theta", "u", "v", "w", "x", "y", "strain", "size")
+
+
+class _ProfileWidths(torch.autograd.Function):
+    """TCH fwhm and eta with closed-form derivatives (see :func:`profile_widths`)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(theta, wavelength, u, v, w, x, y, strain, size):
+        gauss = torch.sqrt(caglioti_fwhm(theta, u, v, w) ** 2 + strain_fwhm(theta, strain) ** 2)
+        lorentz = x * torch.tan(theta) + y / torch.cos(theta)
+        if size is not None:
+            lorentz = lorentz + scherrer_fwhm(theta, wavelength, size)
+        return tch_fwhm_eta(gauss, lorentz)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        theta, wavelength, *rest = inputs
+        ctx.wavelength = wavelength
+        ctx.has_size = rest[-1] is not None
+        saved = (theta, *rest[:-1]) + ((rest[-1],) if ctx.has_size else ())
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+
+    @staticmethod
+    def _partials(ctx):
+        saved = ctx.saved_tensors
+        size = saved[7] if ctx.has_size else None
+        return _widths_and_partials(saved[0], ctx.wavelength, *saved[1:7], size)[2]
+
+    @staticmethod
+    def jvp(ctx, d_theta, _, *tangents):
+        partials = _ProfileWidths._partials(ctx)
+        d_fwhm = d_eta = 0.0
+        for name, tangent in zip(_WIDTH_INPUTS, (d_theta, *tangents)):
+            if tangent is not None and partials[name] is not None:
+                d_fwhm = d_fwhm + partials[name][0] * tangent
+                d_eta = d_eta + partials[name][1] * tangent
+        if isinstance(d_fwhm, float):  # no tangent reached the widths
+            zero = torch.zeros_like(ctx.saved_tensors[0])
+            return zero, zero.clone()
+        return d_fwhm, d_eta
+
+    @staticmethod
+    def backward(ctx, g_fwhm, g_eta):
+        partials = _ProfileWidths._partials(ctx)
+        saved = ctx.saved_tensors
+        grads = []
+        for k, name in enumerate(_WIDTH_INPUTS):
+            if partials[name] is None or not ctx.needs_input_grad[0 if k == 0 else k + 1]:
+                grads.append(None)
+                continue
+            g = g_fwhm * partials[name][0] + g_eta * partials[name][1]
+            grads.append(g if k == 0 else g.sum(-1, keepdim=True).sum_to_size(saved[k].shape))
+        return grads[0], None, *grads[1:]
+
+
+def profile_widths(theta: torch.Tensor, wavelength: float, u, v, w, x, y, strain, size=None):
+    """FWHM (degrees 2theta) and Lorentzian fraction (B, H) of reflections at Bragg angles ``theta`` (B, H,
+    radians) with closed-form derivatives in every input: the TCH pseudo-Voigt of the Gaussian
+    sqrt(U tan^2 + V tan + W + (4 eps tan)^2) and the Lorentzian X tan + Y / cos + K lambda / (D cos) widths
+    (U, V, W deg^2; X, Y deg; strain eps; size D angstrom, None = infinite; each (B, 1)). The same values as
+    caglioti_fwhm, strain_fwhm, scherrer_fwhm and tch_fwhm_eta composed; hand-written because forward-mode
+    autograd (the Rietveld Jacobian) pays per operation, and these widths are some forty of them."""
+    return _ProfileWidths.apply(theta, wavelength, u, v, w, x, y, strain, size)
+
+
 def pseudo_voigt(dx: torch.Tensor, fwhm: torch.Tensor, eta: torch.Tensor, area=1.0) -> torch.Tensor:
     """Pseudo-Voigt of area ``area`` at offsets ``dx`` from the peak centre (same unit as ``fwhm``).
 

@@ -217,12 +217,13 @@ class Phase:
                 theta = self.theta(lattice, wavelength)
                 area = self.lebail_intensity * weight
             else:
-                # closed-form |F|^2 derivatives: the Rietveld Jacobian is taken in forward mode
+                # closed-form derivatives of |F|^2, LP and widths: the Rietveld Jacobian is taken in forward mode
                 theta, intensity = bragg_intensities(batch, self._refl, wavelength, biso, instrument.radiation,
                                                      monochromator_2theta=instrument.monochromator_2theta,
                                                      derivatives="closed-form")
                 theta, area = theta[0], intensity[0] * self._mult * weight
-            fwhm, eta = peak_shape(theta[None], wavelength, instrument, size=size, strain=strain, **prof)
+            fwhm, eta = peak_shape(theta[None], wavelength, instrument, size=size, strain=strain, **prof,
+                                   derivatives="closed-form")
             out.append((torch.rad2deg(2.0 * theta) + shift(theta), area * texture, fwhm[0], eta[0]))
         return out
 
