@@ -23,14 +23,7 @@ import torch
 
 from xtalsolve.crystal.batch import CrystalBatch, ragged_slots
 from xtalsolve.errors import XtalsolveError
-from xtalsolve.physics.profiles import (
-    caglioti_fwhm,
-    profile_widths,
-    pseudo_voigt,
-    scherrer_fwhm,
-    strain_fwhm,
-    tch_fwhm_eta,
-)
+from xtalsolve.physics.profiles import check_derivatives, profile_widths, pseudo_voigt
 from xtalsolve.physics.scattering import (
     check_elements,
     neutron_scattering_length,
@@ -181,6 +174,7 @@ def lorentz_polarisation(theta: torch.Tensor, radiation: str, monochromator_2the
     (c = 1 without one, which is pymatgen's convention). Neutrons: 1 / (sin^2 theta cos theta).
     ``derivatives`` "closed-form": the derivative in theta written out (cheaper in forward mode).
     """
+    check_derivatives(derivatives)
     if derivatives == "closed-form":
         return _LorentzPolarisation.apply(theta, radiation, monochromator_2theta)
     lorentz = 1.0 / (torch.sin(theta) ** 2 * torch.cos(theta))
@@ -311,10 +305,9 @@ def squared_structure_factor(frac: torch.Tensor, s2: torch.Tensor, occupancy: to
     table or "neutron". Differentiable in frac, s2, occupancy and biso. ``derivatives``: "autograd" (torch
     differentiates the operations; the cheaper reverse mode for batches of trial structures) or "closed-form"
     (:class:`_SquaredStructureFactor`; the cheaper forward mode, one tangent per refined parameter)."""
+    check_derivatives(derivatives)
     if derivatives == "closed-form":
         return _SquaredStructureFactor.apply(frac, s2, occupancy, biso, hkl, species, site_species, table)
-    if derivatives != "autograd":
-        raise XtalsolveError(f"derivatives must be 'autograd' or 'closed-form', not {derivatives!r}")
     return _squared_structure_factor(frac, s2, occupancy, biso, hkl, species, site_species, table)
 
 
@@ -402,16 +395,9 @@ def peak_shape(
     """
     bsz = theta.shape[0]
     per = lambda value, default: _per_structure(default if value is None else value, bsz, theta)  # noqa: E731
-    if derivatives == "closed-form":
-        return profile_widths(theta, wavelength, per(u, instrument.u), per(v, instrument.v), per(w, instrument.w),
-                              per(x, instrument.x), per(y, instrument.y), per(strain, 0.0),
-                              None if size is None else per(size, None))
-    caglioti = caglioti_fwhm(theta, per(u, instrument.u), per(v, instrument.v), per(w, instrument.w))
-    gauss = torch.sqrt(caglioti**2 + strain_fwhm(theta, per(strain, 0.0)) ** 2)
-    lorentz = per(x, instrument.x) * torch.tan(theta) + per(y, instrument.y) / torch.cos(theta)
-    if size is not None:
-        lorentz = lorentz + scherrer_fwhm(theta, wavelength, per(size, None))
-    return tch_fwhm_eta(gauss, lorentz)
+    return profile_widths(theta, wavelength, per(u, instrument.u), per(v, instrument.v), per(w, instrument.w),
+                          per(x, instrument.x), per(y, instrument.y), per(strain, 0.0),
+                          None if size is None else per(size, None), derivatives)
 
 
 def merge_coincident_peaks(theta: torch.Tensor, intensity: torch.Tensor, tolerance_deg: float = 2e-4):

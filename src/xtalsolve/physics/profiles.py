@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from xtalsolve.errors import XtalsolveError
+
 SCHERRER_K = 0.9
 """Scherrer constant for FWHM (0.89-0.94 for spheres and cubes; 0.9 is the common choice)."""
 
@@ -45,9 +47,9 @@ _TCH_FWHM = (1.0, 2.69269, 2.42843, 4.47163, 0.07842, 1.0)  # G^(5-k) L^k coeffi
 _TCH_ETA = (1.36603, -0.47719, 0.11116)  # q, q^2, q^3 coefficients of the TCH Lorentzian fraction
 
 
-def _widths_and_partials(theta, wavelength, u, v, w, x, y, strain, size):
-    """TCH fwhm and eta (B, H) as :func:`profile_widths` forms them, and their partial derivatives with respect to
-    theta, u, v, w, x, y, strain and size (each (B, H); size's None when size is None)."""
+def _width_partials(theta, wavelength, u, v, w, x, y, strain, size) -> dict:
+    """Partial derivatives (d fwhm, d eta), each (B, H), of the TCH widths of :func:`profile_widths` with respect to
+    theta, u, v, w, x, y, strain and size (size's None when size is None)."""
     deg = 180.0 / math.pi
     t, sec = torch.tan(theta), 1.0 / torch.cos(theta)
     dt = sec * sec  # d tan / d theta
@@ -85,7 +87,7 @@ def _widths_and_partials(theta, wavelength, u, v, w, x, y, strain, size):
         d_fwhm = 0.2 * fwhm / total * d_total
         d_eta = by_q * ((0.0 if dl is None else dl) - q * d_fwhm) / fwhm
         partials[name] = (torch.broadcast_to(d_fwhm, theta.shape), torch.broadcast_to(d_eta, theta.shape))
-    return fwhm, torch.clamp(eta_raw, 0.0, 1.0), partials
+    return partials
 
 
 _WIDTH_INPUTS = ("theta", "u", "v", "w", "x", "y", "strain", "size")
@@ -98,11 +100,7 @@ class _ProfileWidths(torch.autograd.Function):
 
     @staticmethod
     def forward(theta, wavelength, u, v, w, x, y, strain, size):
-        gauss = torch.sqrt(caglioti_fwhm(theta, u, v, w) ** 2 + strain_fwhm(theta, strain) ** 2)
-        lorentz = x * torch.tan(theta) + y / torch.cos(theta)
-        if size is not None:
-            lorentz = lorentz + scherrer_fwhm(theta, wavelength, size)
-        return tch_fwhm_eta(gauss, lorentz)
+        return _composed_widths(theta, wavelength, u, v, w, x, y, strain, size)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -117,7 +115,7 @@ class _ProfileWidths(torch.autograd.Function):
     def _partials(ctx):
         saved = ctx.saved_tensors
         size = saved[7] if ctx.has_size else None
-        return _widths_and_partials(saved[0], ctx.wavelength, *saved[1:7], size)[2]
+        return _width_partials(saved[0], ctx.wavelength, *saved[1:7], size)
 
     @staticmethod
     def jvp(ctx, d_theta, _, *tangents):
@@ -146,14 +144,36 @@ class _ProfileWidths(torch.autograd.Function):
         return grads[0], None, *grads[1:]
 
 
-def profile_widths(theta: torch.Tensor, wavelength: float, u, v, w, x, y, strain, size=None):
+DERIVATIVES = ("autograd", "closed-form")
+
+
+def check_derivatives(derivatives: str) -> None:
+    """Raise a clear error for a ``derivatives`` choice other than those of DERIVATIVES."""
+    if derivatives not in DERIVATIVES:
+        raise XtalsolveError(f"derivatives must be 'autograd' or 'closed-form', not {derivatives!r}")
+
+
+def _composed_widths(theta, wavelength, u, v, w, x, y, strain, size):
+    gauss = torch.sqrt(caglioti_fwhm(theta, u, v, w) ** 2 + strain_fwhm(theta, strain) ** 2)
+    lorentz = x * torch.tan(theta) + y / torch.cos(theta)
+    if size is not None:
+        lorentz = lorentz + scherrer_fwhm(theta, wavelength, size)
+    return tch_fwhm_eta(gauss, lorentz)
+
+
+def profile_widths(theta: torch.Tensor, wavelength: float, u, v, w, x, y, strain, size=None,
+                   derivatives: str = "autograd") -> tuple[torch.Tensor, torch.Tensor]:
     """FWHM (degrees 2theta) and Lorentzian fraction (B, H) of reflections at Bragg angles ``theta`` (B, H,
-    radians) with closed-form derivatives in every input: the TCH pseudo-Voigt of the Gaussian
-    sqrt(U tan^2 + V tan + W + (4 eps tan)^2) and the Lorentzian X tan + Y / cos + K lambda / (D cos) widths
-    (U, V, W deg^2; X, Y deg; strain eps; size D angstrom, None = infinite; each (B, 1)). The same values as
-    caglioti_fwhm, strain_fwhm, scherrer_fwhm and tch_fwhm_eta composed; hand-written because forward-mode
-    autograd (the Rietveld Jacobian) pays per operation, and these widths are some forty of them."""
-    return _ProfileWidths.apply(theta, wavelength, u, v, w, x, y, strain, size)
+    radians): the TCH pseudo-Voigt of the Gaussian sqrt(U tan^2 + V tan + W + (4 eps tan)^2) and the Lorentzian
+    X tan + Y / cos + K lambda / (D cos) widths (U, V, W deg^2; X, Y deg; strain eps; size D angstrom, None =
+    infinite; each (B, 1)), composed of caglioti_fwhm, strain_fwhm, scherrer_fwhm and tch_fwhm_eta.
+    ``derivatives`` "closed-form": the same values with hand-written derivatives in every input, because
+    forward-mode autograd (the Rietveld Jacobian) pays per operation and these widths are some forty of them;
+    "autograd": torch differentiates the operations."""
+    check_derivatives(derivatives)
+    if derivatives == "closed-form":
+        return _ProfileWidths.apply(theta, wavelength, u, v, w, x, y, strain, size)
+    return _composed_widths(theta, wavelength, u, v, w, x, y, strain, size)
 
 
 def pseudo_voigt(dx: torch.Tensor, fwhm: torch.Tensor, eta: torch.Tensor, area=1.0) -> torch.Tensor:
