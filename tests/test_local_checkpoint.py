@@ -1,5 +1,5 @@
-"""The shipped Si K diffusion checkpoint (src/xtalsolve/local/data/edm_Si_K.pt): loads, is the default for
-``--method diffusion``, and recovers the tetrahedral first shell of spectra it never saw in training."""
+"""The shipped Si K diffusion checkpoint (src/xtalsolve/local/data/edm_Si_K.pt): loads, is the default of
+``xtalsolve local`` for Si K, and recovers the tetrahedral first shell of spectra it never saw in training."""
 
 from pathlib import Path
 
@@ -67,5 +67,30 @@ def test_local_diffusion_uses_the_shipped_checkpoint_on_quartz():
     assert CKPT.name in s["method"]
     assert s["coordination_number"] == 4 and abs(s["mean_bond_length_A"] - 1.609) < 0.02
     assert np.all(np.abs(np.array(s["bond_lengths_A"]) - 1.609) < 0.1)
-    # the default (auto) stays template matching over the packaged library
-    assert predict_local(spec, "Si", "K", samples=3).summary["method"].startswith("template")
+    # the default (auto) is the model wherever a checkpoint exists; a template library passed alone selects templates
+    auto = predict_local(spec, "Si", "K", samples=3).summary
+    assert CKPT.name in auto["method"] and "alignment" not in auto and auto["mixture"]["coordination_number_fractions"]
+    small = DATA / "si_k_library_small.npz"
+    assert predict_local(spec, "Si", "K", samples=3, library=small).summary["method"].startswith("template")
+
+
+def test_model_on_a_spectrum_with_a_distorted_energy_axis_needs_the_alignment():
+    """Quartz's computed spectrum with its energy axis stretched by 1.25 about the edge (as FEFF's Fe K features
+    sit closer to the edge than measured ones): aligned, the model is given it back on the computed axis (the
+    fitted stretch within one grid step of 1.25) and finds CN 4 at the true mean Si-O; the alignment's inverse
+    mapping puts a feature at E back at (E - shift) / stretch."""
+    from xtalsolve.io.spectra import XasSpectrum, normalize
+    from xtalsolve.local.baselines import Alignment
+
+    spec = read_spectrum(DATA / "quartz_si_k_feff.txt", "Si", "K")
+    e0 = normalize(spec).e0
+    stretched = XasSpectrum(e0 + 1.25 * (spec.energy - e0), spec.mu, "stretched quartz", "Si", "K")
+    s = predict_local(stretched, "Si", "K", samples=8, align=True).summary
+    assert abs(s["alignment"]["stretch"] - 1.25) <= 0.051
+    assert s["coordination_number"] == 4 and abs(s["mean_bond_length_A"] - 1.609) < 0.03
+    unaligned = predict_local(stretched, "Si", "K", samples=8).summary  # the model's default: no alignment
+    assert "alignment" not in unaligned and abs(unaligned["mean_bond_length_A"] - 1.609) > 0.04
+    grid = np.arange(-10.0, 50.01, 0.5)
+    peak = np.exp(-0.5 * ((grid - 13.0) / 1.0) ** 2)
+    back = Alignment(1.0, 1.2, 0.0, 0.0).to_computed_axis(grid, peak)
+    assert grid[np.argmax(back)] == pytest.approx(10.0)

@@ -238,3 +238,21 @@ def test_jacobian_matches_finite_differences():
     recipe.initialise()
     recipe.parameters.release("scale", "background", "lattice", "zero", "profile", "positions", "biso", "texture")
     assert_jacobian_matches_differences(recipe, [p.name for p in recipe.parameters.free])
+
+
+def test_cell_stage_also_starts_with_b_released_and_keeps_the_lower_rwp():
+    """A pattern with a strong intensity fall-off (B = 4 angstrom^2 against the start's 0.5): the cell stage run
+    with B released as well fits better, that start is kept (B stays released), and the refinement ends at the
+    noise with B near 4; with ``early_biso=False`` B waits for its own stage and the cell stage fits worse."""
+    truth = symmetrize(rutile())
+    profile = simulated(truth, biso=4.0)
+    start = perturb(truth, 0.01, 0.05, seed=3)
+    results = {}
+    for early in (True, False):
+        recipe = Recipe(profile, start, INSTRUMENT, n_background=3, profile_params=PROFILE_ONLY_SAMPLE, size=2000.0)
+        results[early] = recipe.refine(max_nfev=30, early_biso=early)
+    cell = {early: next(s for s in r.stages if s["stage"] == "lattice+zero") for early, r in results.items()}
+    assert cell[True]["biso_released"] is True and "biso_released" not in cell[False]
+    assert cell[True]["rwp"] < cell[False]["rwp"]
+    fit = results[True]
+    assert fit.gof < 1.3 and fit.parameters["B.Ti"]["value"] == pytest.approx(4.0, abs=0.5)

@@ -125,14 +125,18 @@ def local(
     ligand: Annotated[str, typer.Option("--ligand", help="First-shell element.")] = "O",
     library: Annotated[Optional[Path], typer.Option("--library", help="Template library (.npz or cache dir).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Diffusion checkpoint (.pt).")] = None,
-    method: Annotated[str, typer.Option("--method", help="auto, diffusion or template.")] = "auto",
+    method: Annotated[str, typer.Option("--method", help="auto (the diffusion model where one is packaged for "
+                                        "the absorber and edge, e.g. Si K; else template matching), diffusion or "
+                                        "template.")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     broaden: Annotated[float, typer.Option("--broaden", help="Gaussian FWHM (eV) applied to the computed "
                                            "templates, for measured spectra.")] = 0.0,
-    align: Annotated[Optional[bool], typer.Option("--align/--no-align", help="Template matching: fit one energy "
-                                                  "shift, energy-scale stretch and broadening (--broaden fixes it) "
-                                                  "of the computed templates to the spectrum before matching "
-                                                  "(default for template matching; measured spectra need it).")
+    align: Annotated[Optional[bool], typer.Option("--align/--no-align", help="Fit one energy shift, "
+                                                  "energy-scale stretch and broadening (--broaden fixes it) of the "
+                                                  "computed templates to the spectrum; template matching then "
+                                                  "matches the aligned templates (on by default), the diffusion "
+                                                  "model gets the spectrum on the computed energy axis (off by "
+                                                  "default; measured spectra need it).")
                      ] = None,
 ):
     """3D local coordination around the absorber from a near-edge spectrum (summary.json, .xyz, plot)."""

@@ -386,7 +386,10 @@ def refine_candidate(pattern: Pattern, structure: Structure, instrument, setting
     options = options or {}
     stages = STAGES if fit == "full" else tuple(stage for stage in STAGES  # the screened geometry kept
                                                  if stage[0] not in ("lattice+zero", "positions"))
-    kwargs = dict(max_nfev=settings.refine_max_nfev, scan=False, orientations=False, stages=stages, **options)
+    # early_biso off: the candidates' cells already come from a fit to this pattern, refinement time is the
+    # solver's largest cost after the screen, and its benchmarks were measured with one start of the cell stage
+    kwargs = dict(max_nfev=settings.refine_max_nfev, scan=False, orientations=False, early_biso=False,
+                  stages=stages, **options)
     result = refine(pattern, structure, instrument, symprec=settings.symprec, progress=watch, **kwargs)
 
     def point_group_order(s: Structure, symprec: float) -> int:

@@ -82,6 +82,13 @@ class Alignment:
         return {"shift_eV": self.shift_eV, "stretch": self.stretch, "fwhm_eV": self.fwhm_eV,
                 "lcf_residual": round(self.residual, 5)}
 
+    def to_computed_axis(self, grid: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """The inverse energy mapping: a measured spectrum (``features`` on ``grid``, E - E0 in eV) resampled so
+        that its features sit where the computed spectra have them (value at E taken from shift + stretch E;
+        ends extended by their end values). This is what a model trained on computed spectra is given; the
+        broadening is not undone."""
+        return np.interp(self.shift_eV + self.stretch * np.asarray(grid, float), grid, features)
+
 
 ALIGN_SHIFTS_EV = tuple(np.arange(-3.0, 3.01, 1.0))
 ALIGN_STRETCHES = tuple(np.round(np.arange(0.9, 1.501, 0.05), 3))

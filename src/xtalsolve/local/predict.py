@@ -1,10 +1,9 @@
 """Spectrum -> sampled absorber-centred clusters, their consensus first shell, and the output files.
 
-Predictors: template matching over a spectrum library (the default: it scored better than the shipped diffusion
-model on the held-out and amorphous sets, see docs/spectra.md) and the diffusion model (``method="diffusion"``;
-the packaged checkpoint ``data/edm_<absorber>_<edge>.pt`` unless one is given). ``method="auto"`` uses the
-diffusion model when a checkpoint is passed explicitly or no template library exists, else template matching.
-The method used is written into ``summary.json``.
+Predictors: the diffusion model (the packaged checkpoint ``data/edm_<absorber>_<edge>.pt`` unless one is given;
+the default wherever one exists: the Si K model scores better than template matching on the held-out crystalline
+and the amorphous sets, see docs/spectra.md) and template matching over a spectrum library (the default where no
+model exists, e.g. Fe K). The method used is written into ``summary.json``.
 """
 
 from __future__ import annotations
@@ -108,69 +107,87 @@ def predict_local(
 ) -> LocalPrediction:
     """Sample ``samples`` clusters for ``spectrum`` and summarise them (see :func:`consensus`).
 
-    ``broaden_eV``: Gaussian FWHM applied to the template library's computed spectra before matching (the
-    instrumental resolution of a measured spectrum). ``align`` (template matching; None: whenever templates are
-    matched): first fit one energy shift, energy-scale stretch and broadening of the whole library to the
-    spectrum (:func:`~xtalsolve.local.baselines.fit_alignment`; the broadening is ``broaden_eV`` when that is
-    given) and match against the aligned library; reported as ``alignment`` in the summary. The grid holds the
-    identity, so a computed spectrum keeps (nearly) its own axis; measured Fe K oxides need stretches of 1.2-1.35
-    (docs/spectra.md)."""
-    from xtalsolve.local.library import SpectrumLibrary
+    ``method`` "auto" (default): the diffusion model when a checkpoint exists for the absorber and edge (the
+    packaged ``data/edm_<absorber>_<edge>.pt`` or ``checkpoint``) and no template ``library`` was passed on its
+    own, else template matching. The Si K model scores better than template matching on every held-out set
+    (docs/spectra.md); Fe K has no model and uses the templates.
 
+    ``broaden_eV``: Gaussian FWHM applied to the template library's computed spectra before matching (the
+    instrumental resolution of a measured spectrum). ``align``: first fit one energy shift, energy-scale stretch
+    and broadening of the whole template library to the spectrum (:func:`~xtalsolve.local.baselines.fit_alignment`;
+    the broadening is ``broaden_eV`` when that is given), reported as ``alignment`` in the summary. Template
+    matching then matches against the aligned library (None: on by default); the diffusion model is given the
+    spectrum mapped back onto the computed energy axis (:meth:`Alignment.to_computed_axis`; None: off, as the
+    model's scores were measured on computed spectra; pass True for a measured spectrum). The grid holds the
+    identity, so a computed spectrum keeps (nearly) its own axis; measured Fe K oxides need stretches of
+    1.2-1.35 (docs/spectra.md). When a template library exists, ``mixture`` (a linear-combination fit over it,
+    :func:`site_mixture`) is reported by both methods."""
     norm = normalize(spectrum)
     ckpt = Path(checkpoint) if checkpoint else default_checkpoint_path(absorber, edge)
     lib_path = Path(library) if library else default_library_path(absorber, edge)
     if method not in ("auto", "diffusion", "template"):
         raise XtalsolveError("method must be auto, diffusion or template", "--method")
-    use_model = method == "diffusion" or (method == "auto" and (checkpoint is not None or (
-        ckpt.exists() and library is None and not lib_path.exists())))
+    use_model = method == "diffusion" or (method == "auto" and ckpt.exists() and (checkpoint is not None
+                                                                                  or library is None))
     extra = {"e0_eV": norm.e0, "edge_step": norm.edge_step}
-    if use_model and align:  # asked for explicitly
-        raise XtalsolveError("aligning the computed spectra to a measured one needs template matching", "--align")
+    lib = _template_library(lib_path, absorber, edge, required=not use_model or bool(align))
+    fitted = None
+    if lib is not None:
+        from xtalsolve.local.baselines import ALIGN_FWHMS_EV, fit_alignment
+
+        feats = norm.on_grid(lib.grid)
+        if align or (align is None and not use_model):
+            fitted = fit_alignment(lib, feats, fwhms=(broaden_eV,) if broaden_eV > 0 else ALIGN_FWHMS_EV)
+            lib = lib.aligned(fitted.shift_eV, fitted.stretch, fitted.fwhm_eV)
+            extra["alignment"] = fitted.as_dict()
+        else:
+            lib = lib.broadened(broaden_eV)
     if use_model:
         from xtalsolve.local.model import load_model, sample_clusters
 
         if not ckpt.exists():
             raise XtalsolveError("no diffusion checkpoint", ckpt)
         model, cfg = load_model(ckpt)
-        feats = norm.on_grid(np.asarray(cfg["grid"]))
+        grid = np.asarray(cfg["grid"])
+        feats = norm.on_grid(grid)
+        if fitted is not None:
+            feats = fitted.to_computed_axis(grid, feats)
         clusters = sample_clusters(model, cfg, feats, samples, absorber, seed=seed)
         name = f"diffusion ({ckpt.name})"
     else:
-        if lib_path.is_dir():
-            from xtalsolve.local.library import build_library
+        from xtalsolve.local.baselines import TemplateMatcher
 
-            lib = build_library(lib_path, absorber, edge=edge)
-        elif lib_path.exists():
-            lib = SpectrumLibrary.load(lib_path)
-        else:
-            raise XtalsolveError(f"no model or template library for {absorber} {edge}; build one with "
-                                 "`xtalsolve spectra generate` and pass it with --library", lib_path)
-        from xtalsolve.local.baselines import ALIGN_FWHMS_EV, TemplateMatcher, fit_alignment
-
-        feats = norm.on_grid(lib.grid)
-        if align is not False:  # None: the default of template matching
-            fitted = fit_alignment(lib, feats, fwhms=(broaden_eV,) if broaden_eV > 0 else ALIGN_FWHMS_EV)
-            lib = lib.aligned(fitted.shift_eV, fitted.stretch, fitted.fwhm_eV)
-            extra["alignment"] = fitted.as_dict()
-        else:
-            lib = lib.broadened(broaden_eV)
-        matcher = TemplateMatcher(lib)
-        clusters = matcher.predict(feats, samples, absorber)
+        clusters = TemplateMatcher(lib).predict(feats, samples, absorber)
         if not clusters:
             raise XtalsolveError("template library has no usable entry", lib_path)
         extra["template_features"] = [lib.features[c.meta["template_index"]] for c in clusters]
         extra["grid"] = lib.grid
-        mixture = site_mixture(matcher, feats, absorber, ligand)
         name = "template matching (nearest library spectra)"
     extra["features"] = feats
     summary = {"method": name, "absorber": absorber, "edge": edge, **consensus(clusters, ligand),
                "e0_eV": round(norm.e0, 2), "source": spectrum.source}
-    if not use_model:
-        summary["mixture"] = mixture
+    if lib is not None:
+        from xtalsolve.local.baselines import TemplateMatcher
+
+        summary["mixture"] = site_mixture(TemplateMatcher(lib), norm.on_grid(lib.grid), absorber, ligand)
     if "alignment" in extra:
         summary["alignment"] = extra["alignment"]
     return LocalPrediction(name, clusters, summary, extra)
+
+
+def _template_library(path: Path, absorber: str, edge: str, required: bool):
+    """The template library at ``path`` (.npz or a FEFF cache folder); None when there is none and it is not
+    ``required`` (template matching and alignment need one)."""
+    from xtalsolve.local.library import SpectrumLibrary, build_library
+
+    if path.is_dir():
+        return build_library(path, absorber, edge=edge)
+    if path.exists():
+        return SpectrumLibrary.load(path)
+    if required:
+        raise XtalsolveError(f"no model or template library for {absorber} {edge}; build one with "
+                             "`xtalsolve spectra generate` and pass it with --library", path)
+    return None
 
 
 def write_outputs(pred: LocalPrediction, spectrum: XasSpectrum, out: str | Path) -> Path:

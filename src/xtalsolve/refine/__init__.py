@@ -44,7 +44,8 @@ def _profile(pattern, excluded) -> Profile:
 
 def refine(pattern: Pattern | Profile, structure: Structure | list[Structure], instrument: Instrument | None = None,
            *, stages=STAGES, progress=None, max_nfev: int = 30, excluded=(), lebail_start: bool = False,
-           scan: bool = True, orientations: bool = True, texture=None, **options) -> RefinementResult:
+           scan: bool = True, orientations: bool = True, early_biso: bool = True, texture=None,
+           **options) -> RefinementResult:
     """Rietveld refinement of ``structure`` (or of a list of phases, one contribution each) against ``pattern``
     in the usual stages (scale/background -> cell/zero -> profile -> positions -> B and occupancies).
     ``options`` go to :class:`Recipe` (n_background, symprec, displacement, profile_params, biso, size,
@@ -54,7 +55,8 @@ def refine(pattern: Pattern | Profile, structure: Structure | list[Structure], i
     and displacement by Le Bail (intensities free, so wrong atoms cannot pull the cells), then start the
     Rietveld stages from them without the cell scan. ``scan`` / ``orientations``: the isotropic cell scan before
     the cell stage and the swapped starts of pseudo-symmetric cells (both on by default; off for candidates
-    already fitted to the pattern, as in ``solve``). ``result.phases`` holds each phase's structure, cell and
+    already fitted to the pattern, as in ``solve``). ``early_biso``: the cell stage is also run with B released
+    and the lower Rwp kept (:meth:`Recipe.refine`). ``result.phases`` holds each phase's structure, cell and
     Hill-Howard weight fraction; ``result.structure`` etc. are the first phase's."""
     import time
 
@@ -80,7 +82,7 @@ def refine(pattern: Pattern | Profile, structure: Structure | list[Structure], i
         if progress is not None:
             progress(start_record)
     result = recipe.refine(stages=stages, progress=progress, max_nfev=max_nfev, scan=scan and not lebail_start,
-                           orientations=orientations)
+                           orientations=orientations, early_biso=early_biso)
     if auto_texture:
         from xtalsolve.refine.texture import search_texture
 

@@ -528,10 +528,16 @@ class Recipe:
         self.fit(max_nfev=max_nfev)
 
     def refine(self, stages=STAGES, progress=None, max_nfev: int = 40, blur_schedule=(0.4, 0.15),
-               scan: bool = True, orientations: bool = True) -> RefinementResult:
-        """Run the stages (each a least-squares call over everything released so far), then the esd's. With
-        ``orientations``, the lattice stage is also run from each swapped start of a pseudo-symmetric cell and
-        the lower Rwp is kept."""
+               scan: bool = True, orientations: bool = True, early_biso: bool = True) -> RefinementResult:
+        """Run the stages (each a least-squares call over everything released so far), then the esd's.
+
+        The lattice stage is run from several starts and the lowest Rwp is kept: with ``orientations``, each
+        swapped start of a pseudo-symmetric cell; with ``early_biso``, each of those once more with the
+        displacement parameters (B) released as well, which stay released from then on when that start wins.
+        An intensity fall-off that the start B (0.5 angstrom^2) does not describe (B of 4 angstrom^2 in a
+        laboratory corundum pattern) otherwise misleads the cell, profile and positions stages, which end in a
+        false minimum that the B stage cannot leave; releasing B that early can also lead the cell astray
+        (Na2LiAlF6), hence both starts (docs/refinement.md, session 20)."""
         t0 = time.perf_counter()
         self.initialise()
         self.parameters.fix_all()
@@ -540,20 +546,28 @@ class Recipe:
             record = {"stage": name}
             if "lattice" in groups:
                 saved = self.parameters.values()
-                trials = [{}] + (self.swapped_starts() if orientations else [])
+                biso = [p for p in self.parameters.group("biso") if not p.refined] if early_biso else []
+                trials = [(swap, release) for release in ([False, True] if biso else [False])
+                          for swap in [{}] + (self.swapped_starts() if orientations else [])]
                 best = None
-                for trial in trials:
+                for swap, release in trials:
                     self._restore(saved)
-                    for key, value in trial.items():
+                    for p in biso:
+                        p.refined = release
+                    for key, value in swap.items():
                         self.parameters[key].value = value
                     self._lattice_stage(max_nfev, blur_schedule, scan)
                     rwp = self.rwp()
                     if best is None or rwp < best[0]:
-                        best = (rwp, self.parameters.values(), trial)
+                        best = (rwp, self.parameters.values(), swap, release)
                 self._restore(best[1])
-                if len(trials) > 1:
-                    record["orientations_tried"] = len(trials)
+                for p in biso:
+                    p.refined = best[3]
+                if len(trials) > (2 if biso else 1):
+                    record["orientations_tried"] = len(trials) // (2 if biso else 1)
                     record["swapped"] = sorted(best[2])
+                if biso:
+                    record["biso_released"] = best[3]
             else:
                 self.fit(max_nfev=max_nfev)
             record |= {"rwp": self.rwp(), "n_free": len(self.parameters.free),
