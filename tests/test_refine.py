@@ -187,6 +187,8 @@ def test_cli_refine_end_to_end(shared_data, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert {"rwp", "rp", "gof", "parameters", "stages", "r_bragg"} <= set(summary)
     assert summary["rwp"] < 0.3
+    cell_stage = next(s for s in summary["stages"] if s["stage"] == "lattice+zero")
+    assert isinstance(cell_stage["biso_released"], bool)  # both starts of the cell stage were run
     assert summary["wavelengths_A"] == [1.54056, 1.54439]  # CuKa refines as the Kalpha1+2 doublet
     assert (out / "fit.png").stat().st_size > 10_000
     with warnings.catch_warnings():
@@ -194,6 +196,11 @@ def test_cli_refine_end_to_end(shared_data, tmp_path):
         refined = Structure.from_file(out / "refined.cif")
     assert symmetry_of(refined, 1e-3).number == 225
     assert refined.lattice.a == pytest.approx(summary["cell"]["a"], abs=1e-3)
+    one_start = _cli(["refine", pattern, case / "1538746.cif", "--radiation", "CuKa", "--no-early-b",
+                      "--out", tmp_path / "one"])
+    assert one_start.exit_code == 0, one_start.output
+    stages = json.loads((tmp_path / "one" / "summary.json").read_text())["stages"]
+    assert "biso_released" not in next(s for s in stages if s["stage"] == "lattice+zero")
 
 
 def test_cli_refine_bad_cif(shared_data, tmp_path):

@@ -473,6 +473,9 @@ def refine(
     texture: Annotated[str, typer.Option("--texture", help="March-Dollase preferred orientation: none, auto (search "
                                                            "the low-index axes, keep one that clearly helps) or an "
                                                            "axis h,k,l.")] = "none",
+    early_b: Annotated[bool, typer.Option("--early-b/--no-early-b", help="Also run the cell stage with the "
+                                          "displacement parameters B free and keep the lower Rwp (a strong "
+                                          "intensity fall-off otherwise misleads the early stages).")] = True,
 ):
     """Rietveld (or Le Bail) refinement of one or more phases against a measured pattern, in stages."""
     import warnings
@@ -501,14 +504,16 @@ def refine(
     if lebail and texture_option is not None:
         raise XtalsolveError("a Le Bail fit has free intensities, so texture does not apply", "--texture")
     console = Console(stderr=True)
-    progress = lambda s: console.print(f"{s['stage']:<28} Rwp {100 * s['rwp']:6.2f} %  ({s['n_free']} free, {s['seconds']:.0f} s)")  # noqa: E731
+    progress = lambda s: console.print(f"{s['stage']:<28} Rwp {100 * s['rwp']:6.2f} %  ({s['n_free']} free, {s['seconds']:.0f} s)"  # noqa: E731
+                                       + ("  B released" if s.get("biso_released") else ""))
     instrument = engine.instrument_of(data, radiation)
     options = dict(n_background=background, symprec=symprec, progress=progress, asymmetry=asymmetry,
                    names=[p.stem for p in structures] if len(structures) > 1 else None)
     if lebail:
         result = engine.lebail(data, start, instrument, **options)
     else:
-        result = engine.refine(data, start, instrument, displacement=displacement, texture=texture_option, **options)
+        result = engine.refine(data, start, instrument, displacement=displacement, texture=texture_option,
+                               early_biso=early_b, **options)
     paths = write_outputs(result, out)
     typer.echo(json.dumps({"rwp": result.rwp, "rp": result.rp, "gof": result.gof, "r_bragg": result.r_bragg,
                            "weight_fractions": {p.name: p.weight_fraction for p in result.phases},
