@@ -131,9 +131,9 @@ def predict_local(
                                                                                   or library is None))
     extra = {"e0_eV": norm.e0, "edge_step": norm.edge_step}
     lib = _template_library(lib_path, absorber, edge, required=not use_model or bool(align))
-    fitted = None
+    fitted = matcher = None
     if lib is not None:
-        from xtalsolve.local.baselines import ALIGN_FWHMS_EV, fit_alignment
+        from xtalsolve.local.baselines import ALIGN_FWHMS_EV, TemplateMatcher, fit_alignment
 
         feats = norm.on_grid(lib.grid)
         if align or (align is None and not use_model):
@@ -142,6 +142,8 @@ def predict_local(
             extra["alignment"] = fitted.as_dict()
         else:
             lib = lib.broadened(broaden_eV)
+        matcher = TemplateMatcher(lib)
+        mixture = site_mixture(matcher, feats, absorber, ligand)
     if use_model:
         from xtalsolve.local.model import load_model, sample_clusters
 
@@ -155,9 +157,7 @@ def predict_local(
         clusters = sample_clusters(model, cfg, feats, samples, absorber, seed=seed)
         name = f"diffusion ({ckpt.name})"
     else:
-        from xtalsolve.local.baselines import TemplateMatcher
-
-        clusters = TemplateMatcher(lib).predict(feats, samples, absorber)
+        clusters = matcher.predict(feats, samples, absorber)
         if not clusters:
             raise XtalsolveError("template library has no usable entry", lib_path)
         extra["template_features"] = [lib.features[c.meta["template_index"]] for c in clusters]
@@ -166,10 +166,8 @@ def predict_local(
     extra["features"] = feats
     summary = {"method": name, "absorber": absorber, "edge": edge, **consensus(clusters, ligand),
                "e0_eV": round(norm.e0, 2), "source": spectrum.source}
-    if lib is not None:
-        from xtalsolve.local.baselines import TemplateMatcher
-
-        summary["mixture"] = site_mixture(TemplateMatcher(lib), norm.on_grid(lib.grid), absorber, ligand)
+    if matcher is not None:
+        summary["mixture"] = mixture
     if "alignment" in extra:
         summary["alignment"] = extra["alignment"]
     return LocalPrediction(name, clusters, summary, extra)

@@ -547,8 +547,8 @@ class Recipe:
             if "lattice" in groups:
                 saved = self.parameters.values()
                 biso = [p for p in self.parameters.group("biso") if not p.refined] if early_biso else []
-                trials = [(swap, release) for release in ([False, True] if biso else [False])
-                          for swap in [{}] + (self.swapped_starts() if orientations else [])]
+                starts = [{}] + (self.swapped_starts() if orientations else [])
+                trials = [(swap, release) for release in ([False, True] if biso else [False]) for swap in starts]
                 best = None
                 for swap, release in trials:
                     self._restore(saved)
@@ -563,8 +563,8 @@ class Recipe:
                 self._restore(best[1])
                 for p in biso:
                     p.refined = best[3]
-                if len(trials) > (2 if biso else 1):
-                    record["orientations_tried"] = len(trials) // (2 if biso else 1)
+                if len(starts) > 1:
+                    record["orientations_tried"] = len(starts)
                     record["swapped"] = sorted(best[2])
                 if biso:
                     record["biso_released"] = best[3]
