@@ -366,7 +366,12 @@ def simulate(
             signals = simulate_nanoparticle(crystals, size, lam, two_theta, q, biso=biso, radiation=kind)
             header |= {"model": "Debye scattering equation", "particle_diameter_A": size}
         else:
-            signals = simulate_powder(crystals, lam, two_theta, q, size=size, biso=biso, radiation=kind, shape=shape)
+            from rich.console import Console
+
+            # the compiled model's kernels are built on the first run after installation (~16 s), then cached
+            with Console(stderr=True).status(f"simulating {len(crystals)} pattern(s)"):
+                signals = simulate_powder(crystals, lam, two_theta, q, size=size, biso=biso, radiation=kind,
+                                          shape=shape)
             header |= {"model": "Bragg, Thompson-Cox-Hastings pseudo-Voigt, Caglioti W = 0.0025 deg^2",
                        "crystallite_size_A": "infinite" if size is None else size}
             if size is not None:

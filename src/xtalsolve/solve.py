@@ -386,8 +386,9 @@ def refine_candidate(pattern: Pattern, structure: Structure, instrument, setting
     options = options or {}
     stages = STAGES if fit == "full" else tuple(stage for stage in STAGES  # the screened geometry kept
                                                  if stage[0] not in ("lattice+zero", "positions"))
-    # early_biso off: the candidates' cells already come from a fit to this pattern, refinement time is the
-    # solver's largest cost after the screen, and its benchmarks were measured with one start of the cell stage
+    # early_biso off: the candidates' cells already come from a fit to this pattern, and a second start of the cell
+    # stage gained 2 of 200 rank-1 matches at 100 A and none at 10 A on the PXRDnet protocol for several seconds
+    # per material (benchmarks/results/pxrdnet_protocol_s2*_early_b*.json)
     kwargs = dict(max_nfev=settings.refine_max_nfev, scan=False, orientations=False, early_biso=False,
                   stages=stages, **options)
     result = refine(pattern, structure, instrument, symprec=settings.symprec, progress=watch, **kwargs)

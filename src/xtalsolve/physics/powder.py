@@ -598,12 +598,24 @@ def powder_pattern(
         intensity = intensity * march_dollase(batch.lattice, reflections.hkl.to(batch.lattice.device), axis_hkl, ratio)
     if merge:
         theta, intensity = merge_coincident_peaks(theta, intensity)
+    return render_sticks(theta, intensity, grid, unit, instrument, size, strain, zero_shift, profile, binned, shape,
+                         oversample, n_fwhm)
+
+
+def render_sticks(theta: torch.Tensor, intensity: torch.Tensor, grid: torch.Tensor, unit: str, instrument: Instrument,
+                  size: Number | None = None, strain: Number = 0.0, zero_shift: Number | None = None,
+                  profile: dict | None = None, binned: bool = False, shape: str = "lorentzian", oversample: int = 4,
+                  n_fwhm: float = 40.0) -> torch.Tensor:
+    """Peaks at Bragg angles ``theta`` (B, H, radians) with integrated intensities (B, H) as a pattern (B, P) on
+    ``grid`` (2theta deg or Q 1/angstrom) through one line (``instrument.wavelength``) of the instrument: the
+    rendering half of :func:`powder_pattern`, with the same arguments."""
+    wavelength = instrument.wavelength
     shaped = _exact_profile(shape, size)
     if shaped and not (binned and unit == "q"):
         raise XtalsolveError(f"the {shape} size profile is rendered on a uniform Q grid only (binned)")
     fwhm, eta = peak_shape(theta, wavelength, instrument, None if shaped else size, strain, **(profile or {}))
     zero = instrument.zero_shift if zero_shift is None else zero_shift
-    two_theta = torch.rad2deg(2.0 * theta) + _per_structure(zero, len(batch), theta)
+    two_theta = torch.rad2deg(2.0 * theta) + _per_structure(zero, theta.shape[0], theta)
     render = partial(render_binned, size=size, shape=shape, oversample=oversample) if binned \
         else partial(render_peaks, n_fwhm=n_fwhm)
     if unit == "2theta":
@@ -661,10 +673,14 @@ def simulate_powder(
     (q takes precedence); size = crystallite size in angstrom (None: no size broadening); shape = its profile
     (:data:`CRYSTALLITE_SHAPES`); biso in angstrom^2;
     strain = microstrain Delta d / d. ``instrument`` overrides wavelength/radiation and sets the resolution.
-    Computed in ``dtype`` (float32: 2theta to ~1e-4 deg, intensities to ~1e-5 relative); structures of similar
-    cell volume are batched together.
+    The model of :func:`powder_pattern` (merged peaks), computed by its compiled pattern-only twin
+    (:mod:`xtalsolve.physics.compiled`, float64) on torch's number of threads. Patterns whose size broadening
+    spans many grid points are rendered on a uniform Q grid by FFT (:func:`render_binned`) in ``dtype``, in
+    chunks of ``chunk_size`` structures.
     """
     from pymatgen.core import Structure
+
+    from xtalsolve.physics import compiled
 
     structures = [structures] if isinstance(structures, Structure) else list(structures)
     if size is not None and not (np.isfinite(size) and size > 0):
@@ -674,20 +690,14 @@ def simulate_powder(
     if instrument is None:
         instrument = Instrument(wavelength=wavelength, radiation=radiation)
     grid_np, unit = make_grid(None if q is not None else two_theta, q)
-    grid = torch.as_tensor(grid_np, dtype=dtype)
-    out = np.empty((len(structures), len(grid_np)))
-    order = np.argsort([s.volume for s in structures], kind="stable")
-    settings = dict(size=size, strain=strain, biso=biso, form_factors=form_factors, merge=True, shape=shape)
+    if not structures:
+        return np.zeros((0, len(grid_np)))
     # an exact shape profile is rendered on a uniform Q grid (render_binned)
-    broad = _exact_profile(shape, size) or _is_broad(grid_np, unit, instrument.wavelength, size)
-    render = _size_broadened_via_q if broad else powder_pattern
-    with torch.no_grad():
-        for start in range(0, len(structures), chunk_size):
-            chunk = order[start : start + chunk_size]
-            batch = CrystalBatch.from_structures([structures[i] for i in chunk], dtype=dtype)
-            check_elements(batch.numbers.numpy(), instrument.radiation)
-            out[chunk] = render(batch, grid, unit, instrument, **settings).numpy()
-    return out
+    if not (_exact_profile(shape, size) or _is_broad(grid_np, unit, instrument.wavelength, size)):
+        return compiled.powder_patterns(structures, grid_np, unit, instrument, size, strain, biso, form_factors)
+    grid = torch.as_tensor(grid_np, dtype=dtype)
+    settings = dict(size=size, strain=strain, biso=biso, form_factors=form_factors, shape=shape)
+    return _size_broadened_via_q(structures, grid, unit, instrument, chunk_size, **settings).numpy()
 
 
 def _is_broad(grid: np.ndarray, unit: str, wavelength: float, size: float | None, max_points: int = 400) -> bool:
@@ -701,28 +711,36 @@ def _is_broad(grid: np.ndarray, unit: str, wavelength: float, size: float | None
     return 40.0 * two_theta_fwhm / float(np.min(np.diff(grid))) > max_points
 
 
-def _size_broadened_via_q(batch, grid, unit, instrument, **settings) -> torch.Tensor:
+def _size_broadened_via_q(structures, grid, unit, instrument, chunk_size, size, strain, biso, form_factors,
+                          shape) -> torch.Tensor:
     """Broad (size-dominated) patterns rendered where Scherrer widths are constant: on a uniform Q grid by
     binning + FFT (:func:`render_binned`), then mapped to ``grid`` conserving area (y_2theta = y_Q dQ/d2theta).
-    Exact for the size term; the slow angle dependence of the narrower instrument and strain widths is averaged."""
-    wavelength = instrument.wavelength if instrument.wavelength2 is None else max(instrument.wavelength, instrument.wavelength2)
-    q_target = grid if unit == "q" else 4.0 * math.pi * torch.sin(torch.deg2rad(grid) / 2.0) / wavelength
-    if instrument.wavelength2 is not None:  # the same Q grid must cover both lines' 2theta range
-        q_target = torch.cat([q_target, 4.0 * math.pi * torch.sin(torch.deg2rad(grid) / 2.0) / instrument.wavelength])
+    Exact for the size term; the slow angle dependence of the narrower instrument and strain widths is averaged.
+    Bragg peaks (merged) from the compiled model, one line of the instrument at a time."""
+    from xtalsolve.physics import compiled
+
+    lines = [(instrument.wavelength, 1.0)] + ([(instrument.wavelength2, instrument.ratio2)] if instrument.wavelength2 else [])
+    q_target = grid if unit == "q" else torch.cat(
+        [4.0 * math.pi * torch.sin(torch.deg2rad(grid) / 2.0) / lam for lam, _ in lines])  # every line's range
     q_lo, q_hi = float(q_target.min()), float(q_target.max())
-    q_fwhm = 2.0 * math.pi * 0.9 / float(settings["size"])  # Scherrer width: sample it with >= 16 points
+    q_fwhm = 2.0 * math.pi * 0.9 / float(size)  # Scherrer width: sample it with >= 16 points
     n_q = int(min(max(16 * (q_hi - q_lo) / q_fwhm, 512), 4 * len(grid)))
     q_uniform = torch.linspace(q_lo, q_hi, n_q, dtype=grid.dtype)
-    if unit == "q":
-        y_q = powder_pattern(batch, q_uniform, "q", instrument, binned=True, **settings)
-        return _interpolate(grid, q_uniform, y_q)
-    # in 2theta each line maps through its own wavelength: render line by line
-    lines = [(instrument.wavelength, 1.0)] + ([(instrument.wavelength2, instrument.ratio2)] if instrument.wavelength2 else [])
-    out = torch.zeros(len(batch), len(grid), dtype=grid.dtype)
+    out = torch.zeros(len(structures), len(grid), dtype=grid.dtype)
     for lam, share in lines:
         single = replace(instrument, wavelength=lam, wavelength2=None)
-        y_q = powder_pattern(batch, q_uniform, "q", single, binned=True, **settings)
-        q_of_grid = 4.0 * math.pi * torch.sin(torch.deg2rad(grid) / 2.0) / lam
+        two_theta, intensity, _ = compiled.bragg_sticks(structures, lam, _d_min_for(q_uniform, "q", lam), biso,
+                                                        instrument.radiation, form_factors,
+                                                        instrument.monochromator_2theta)
+        theta = torch.deg2rad(torch.as_tensor(two_theta, dtype=grid.dtype)) / 2.0
+        intensity = torch.as_tensor(intensity, dtype=grid.dtype)
+        y_q = torch.cat([render_sticks(theta[k : k + chunk_size], intensity[k : k + chunk_size], q_uniform, "q",
+                                       single, size, strain, binned=True, shape=shape)
+                         for k in range(0, len(structures), chunk_size)])
+        if unit == "q":
+            out = out + share * _interpolate(grid, q_uniform, y_q)
+            continue
+        q_of_grid = 4.0 * math.pi * torch.sin(torch.deg2rad(grid) / 2.0) / lam  # each line maps through its own
         jacobian = (2.0 * math.pi / lam) * torch.cos(torch.deg2rad(grid) / 2.0) * (math.pi / 180.0)
         out = out + share * _interpolate(q_of_grid, q_uniform, y_q) * jacobian
     return out
