@@ -124,3 +124,11 @@ def test_back_reflection_range_matches_the_torch_model(mp20_sample):
     ours = compiled.powder_patterns(structures, grid, unit, instrument, biso=0.3)
     reference = torch_pattern(structures, grid, unit, instrument, biso=0.3)
     assert (np.abs(ours - reference).max(1) / reference.max(1)).max() < 1e-6
+
+
+def test_supercell_gives_the_same_pattern(rocksalt):
+    """A 3x3x3 supercell (27 times the atoms, its extra reflections extinct) scatters 27^2 times as strongly into
+    the same peaks."""
+    grid, unit = make_grid((10.0, 90.0, 0.02))
+    cell, supercell = compiled.powder_patterns([rocksalt, rocksalt * (3, 3, 3)], grid, unit, Instrument())
+    np.testing.assert_allclose(supercell / 27**2, cell, rtol=0, atol=1e-9 * cell.max())

@@ -101,3 +101,25 @@ def test_tiny_training_learns_counts_and_resumes(tmp_path):
     # same seed, same sampling
     again = sample_clusters(loaded, cfg_d, lib.features[1], 4, "Si", seed=0)
     assert all(np.array_equal(a.positions, b.positions) for a, b in zip(clusters, again))
+
+
+def test_broadening_augmentation_feeds_each_spectrum_at_drawn_resolutions(monkeypatch):
+    """broaden_eV: every spectrum the loss sees is a library spectrum convolved with one of seven Gaussians
+    (FWHM 0..3 eV), the level drawn per spectrum and step."""
+    lib = toy_library()
+    seen = []
+    loss = LocalEDM.loss
+    monkeypatch.setattr(LocalEDM, "loss", lambda self, x, h, m, spectrum, gen=None: (
+        seen.append(spectrum.clone()), loss(self, x, h, m, spectrum, gen))[1])
+    train(lib, EDMConfig(hidden=16, layers=2, cond_dim=16, steps=30), epochs=3, batch=32, seed=0, log=None,
+          broaden_eV=3.0)
+    levels = np.stack([lib.broadened(w).features for w in np.linspace(0.0, 3.0, 7)])  # (L, B, F)
+    drawn = set()
+    for spectrum in torch.cat(seen).numpy():
+        distance = np.abs(levels - spectrum).max(-1)  # (L, B)
+        level, _ = np.unravel_index(np.argmin(distance), distance.shape)
+        assert distance.min() < 1e-5
+        drawn.add(int(level))
+    assert len(drawn) >= 5
+    with pytest.raises(XtalsolveError, match="broadening augmentation"):
+        train(lib, EDMConfig(hidden=16, layers=2, cond_dim=16, steps=30), epochs=1, log=None, broaden_eV=-1.0)

@@ -221,6 +221,8 @@ def spectra_train(
     ema: Annotated[float, typer.Option("--ema", help="EMA decay of the weights (0: none).")] = 0.999,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint's weights (fine-tuning "
                                                                 "on a grown library).")] = None,
+    broaden_max: Annotated[float, typer.Option("--broaden-max", help="Resolution augmentation: each spectrum of each "
+                                               "batch broadened by a Gaussian of FWHM 0..X eV.")] = 0.0,
 ):
     """Train the spectrum-conditioned equivariant diffusion model on the library's training split."""
     import torch
@@ -241,7 +243,7 @@ def spectra_train(
     if not 0.0 <= ema < 1.0:
         raise XtalsolveError(f"the EMA decay must be in [0, 1), not {ema}", "--ema")
     train(train_lib, cfg, epochs=epochs, batch=batch, lr=lr, seed=seed, checkpoint=out, log=typer.echo, ema=ema,
-          lr_final=lr_final, init=init)
+          lr_final=lr_final, init=init, broaden_eV=broaden_max)
     typer.echo(f"saved {out}")
 
 

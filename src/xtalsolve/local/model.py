@@ -209,7 +209,7 @@ def training_arrays(lib: SpectrumLibrary, cfg: EDMConfig) -> tuple[torch.Tensor,
 
 def train(lib: SpectrumLibrary, cfg: EDMConfig, epochs: int = 200, batch: int = 64, lr: float = 1e-3, seed: int = 0,
           checkpoint: str | Path | None = None, log=print, ema: float = 0.999,
-          lr_final: float | None = None, init: str | Path | None = None) -> LocalEDM:
+          lr_final: float | None = None, init: str | Path | None = None, broaden_eV: float = 0.0) -> LocalEDM:
     """Train on ``lib`` (already restricted to the training split) with Adam; seeded. Resumes from ``checkpoint``
     when it exists and saves it after every epoch. No rotation augmentation: the denoiser is equivariant and the
     count model sees only the spectrum.
@@ -218,12 +218,18 @@ def train(lib: SpectrumLibrary, cfg: EDMConfig, epochs: int = 200, batch: int = 
     min(ema, (1 + n) / (10 + n))), saved as ``ema`` in the checkpoint and preferred by :func:`load_model`.
     ``lr_final`` set: cosine decay of the learning rate from ``lr`` to ``lr_final`` over ``epochs``.
     ``init``: start from the weights of a trained (e.g. inference-only) checkpoint of the same architecture, to
-    fine-tune on a grown library; ignored when ``checkpoint`` exists (resuming wins)."""
+    fine-tune on a grown library; ignored when ``checkpoint`` exists (resuming wins).
+    ``broaden_eV`` > 0: resolution augmentation, each spectrum of each batch convolved with a Gaussian whose FWHM
+    is drawn from 0..``broaden_eV`` (seven levels; measured spectra are broader than FEFF's lifetime width)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     cfg.grid = [float(g) for g in lib.grid]
     cfg.n_features = len(lib.grid)
     f, x, h, m = training_arrays(lib, cfg)
+    if broaden_eV < 0:
+        raise XtalsolveError(f"the broadening augmentation must be >= 0 eV, not {broaden_eV}", "--broaden-max")
+    levels = torch.stack([training_arrays(lib.broadened(w), cfg)[0] for w in np.linspace(0.0, broaden_eV, 7)]) \
+        if broaden_eV > 0 else f[None]  # (L, B, F) features at each broadening
     model = LocalEDM(cfg)
     if init is not None and not (checkpoint and Path(checkpoint).exists()):
         start_model, _ = load_model(init)
@@ -253,7 +259,8 @@ def train(lib: SpectrumLibrary, cfg: EDMConfig, epochs: int = 200, batch: int = 
         tot = 0.0
         for b in range(0, len(f), batch):
             j = perm[b: b + batch]
-            loss, _ = model.loss(x[j], h[j], m[j], f[j], gen)
+            level = torch.randint(len(levels), (len(j),), generator=gen) if len(levels) > 1 else 0
+            loss, _ = model.loss(x[j], h[j], m[j], levels[level, j], gen)
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
