@@ -33,14 +33,12 @@ from xtalsolve.errors import XtalsolveError
 from xtalsolve.physics.profiles import SCHERRER_K
 from xtalsolve.physics.scattering import (
     FORM_FACTOR_TABLES,
+    MOTT_BETHE_PREFACTOR,
     _neutron_lengths_fm,
     _pymatgen_mott_bethe,
     _waasmaier_kirfel,
     check_elements,
 )
-
-_MOTT_BETHE = 41.78214  # pymatgen's prefactor (see scattering.xray_form_factor)
-
 
 @njit(cache=True)
 def _reciprocal_metric(cell):
@@ -198,7 +196,7 @@ def _bragg_sticks(cells, frac, occupancy, site_species, site_start, species_star
                         gaussians = 0.0
                         for g in range(n_gauss):
                             gaussians += f_a[row, g] * math.exp(-f_b[row, g] * s2)
-                        f[e] = f_constant[row] + (-_MOTT_BETHE * s2 * gaussians if mott_bethe else gaussians)
+                        f[e] = f_constant[row] + (-MOTT_BETHE_PREFACTOR * s2 * gaussians if mott_bethe else gaussians)
                     sin2 = sin_theta * sin_theta
                     lp = 1.0 / (sin2 * math.sqrt(1.0 - sin2))
                     if not neutron:
@@ -388,12 +386,9 @@ def powder_patterns(structures, grid: np.ndarray, unit: str, instrument, size: f
     out = np.zeros((len(structures), len(grid)))
     steps = np.diff(grid)
     uniform = len(grid) < 2 or float(steps.max() - steps.min()) <= 1e-3 * float(steps.min())
-    lines = [(instrument.wavelength, 1.0)]
-    if instrument.wavelength2 is not None:
-        lines.append((instrument.wavelength2, instrument.ratio2))
     profile = [float(value) for value in (instrument.zero_shift, instrument.u, instrument.v, instrument.w,
                                           instrument.x, instrument.y, strain)]
-    for wavelength, share in lines:
+    for wavelength, share in instrument.lines:
         limit = d_min or _d_min_for(grid, unit, wavelength)
         two_theta, intensity, n_peaks = bragg_sticks(structures, wavelength, limit, biso, instrument.radiation,
                                                      form_factors, instrument.monochromator_2theta)

@@ -55,6 +55,12 @@ class Instrument:
     zero_shift: float = 0.0
     monochromator_2theta: float | None = None
 
+    @property
+    def lines(self) -> list[tuple[float, float]]:
+        """(wavelength in angstrom, intensity share) of each line: the first at 1, the second at ``ratio2``."""
+        second = [(self.wavelength2, self.ratio2)] if self.wavelength2 is not None else []
+        return [(self.wavelength, 1.0)] + second
+
     def __post_init__(self):
         check_wavelength(self.wavelength)
         if self.wavelength2 is not None:
@@ -719,7 +725,7 @@ def _size_broadened_via_q(structures, grid, unit, instrument, chunk_size, size, 
     Bragg peaks (merged) from the compiled model, one line of the instrument at a time."""
     from xtalsolve.physics import compiled
 
-    lines = [(instrument.wavelength, 1.0)] + ([(instrument.wavelength2, instrument.ratio2)] if instrument.wavelength2 else [])
+    lines = instrument.lines
     q_target = grid if unit == "q" else torch.cat(
         [4.0 * math.pi * torch.sin(torch.deg2rad(grid) / 2.0) / lam for lam, _ in lines])  # every line's range
     q_lo, q_hi = float(q_target.min()), float(q_target.max())

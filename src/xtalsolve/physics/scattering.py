@@ -26,6 +26,7 @@ from pymatgen.core import Element
 from xtalsolve.errors import XtalsolveError
 
 MAX_Z = 98
+MOTT_BETHE_PREFACTOR = 41.78214  # of the Mott-Bethe formula in pymatgen's XRDCalculator (see "pymatgen" above)
 FORM_FACTOR_TABLES = ("waasmaier-kirfel", "pymatgen")
 
 
@@ -102,7 +103,7 @@ def xray_form_factor(numbers: torch.Tensor, s2: torch.Tensor, table: str = "waas
     if table == "pymatgen":
         a, b = _as_tensors(_pymatgen_mott_bethe, dtype, device)
         z = numbers.to(dtype)
-        return z - 41.78214 * s2[..., 0] * (a[numbers] * torch.exp(-b[numbers] * s2)).sum(-1)
+        return z - MOTT_BETHE_PREFACTOR * s2[..., 0] * (a[numbers] * torch.exp(-b[numbers] * s2)).sum(-1)
     raise XtalsolveError(f"unknown form-factor table {table!r}; use one of {', '.join(FORM_FACTOR_TABLES)}")
 
 
@@ -118,7 +119,7 @@ def xray_form_factor_slope(numbers: torch.Tensor, s2: torch.Tensor, table: str =
         return -(a[numbers] * b[numbers] * torch.exp(-b[numbers] * s2)).sum(-1)
     if table == "pymatgen":
         a, b = _as_tensors(_pymatgen_mott_bethe, dtype, device)
-        return -41.78214 * (a[numbers] * (1.0 - b[numbers] * s2) * torch.exp(-b[numbers] * s2)).sum(-1)
+        return -MOTT_BETHE_PREFACTOR * (a[numbers] * (1.0 - b[numbers] * s2) * torch.exp(-b[numbers] * s2)).sum(-1)
     raise XtalsolveError(f"unknown form-factor table {table!r}; use one of {', '.join(FORM_FACTOR_TABLES)}")
 
 
