@@ -106,6 +106,9 @@ def main() -> None:
                         help="distinct screened candidates refined by Rietveld and ranked (SolveSettings.refine_top)")
     parser.add_argument("--restart-within", type=float, default=SolveSettings.restart_within,
                         help="only candidates whose screen score is within this factor of the best are restarted")
+    parser.add_argument("--scan", type=int, default=SolveSettings.scan_top,
+                        help="best distinct screened candidates whose few free coordinates are searched "
+                             "(SolveSettings.scan_top; 0: none)")
     parser.add_argument("--rank-by", default="auto", choices=RANK_BY)
     parser.add_argument("--fit-structure", default="auto", choices=FIT_STRUCTURE)
     parser.add_argument("--ids", type=Path, default=None,
@@ -180,7 +183,7 @@ def main() -> None:
                                          rank_by=args.rank_by, fit_structure=args.fit_structure,
                                          fit_nuisances=args.fit_nuisances, restart_top=args.restarts[0],
                                          restarts=args.restarts[1], restart_within=args.restart_within,
-                                         refine_top=args.refine_top)
+                                         refine_top=args.refine_top, scan_top=args.scan)
                 try:
                     summary = solve(pattern, reference.composition.reduced_formula, generate, out, settings)
                     # refined candidates by priced Rwp, then the other fitted ones by their priced fit residual,
@@ -219,6 +222,7 @@ def main() -> None:
          "steps": args.steps, "crystallite_shape": args.crystallite_shape, "rank_by": args.rank_by,
          "fit_structure": args.fit_structure, "max_pooled": args.max_pooled, "fit_nuisances": args.fit_nuisances,
          "restarts": list(args.restarts), "restart_within": args.restart_within, "refine_top": args.refine_top,
+         "scan_top": args.scan,
          "library": args.library, "redecorate": not args.no_redecorate,
          "ids": sorted(only) if only is not None else None, "table": table},
         indent=2))

@@ -187,3 +187,31 @@ def test_the_fit_is_multimodal_and_another_seed_can_end_in_the_true_minimum():
         outcomes.append((residual < 1.5 * truth_residual, StructureMatcher().fit(fitted, MARCASITE_TRUTH)))
     assert outcomes[0] == (False, False)  # the default seed ends in a false minimum ...
     assert (True, True) in outcomes[1:]  # ... another one on the truth
+
+
+def _polar_r3m(z_anion: tuple[float, float]) -> Structure:
+    """Four atoms on the threefold axis of R3m (the ZnGaPS type of the PXRDnet benchmark), Se and O at the two
+    heights ``z_anion`` (hexagonal c fractions), as a primitive cell."""
+    return Structure.from_spacegroup("R3m", Lattice.hexagonal(3.88, 19.0), ["Zn", "Ga", "Se", "O"],
+                                     [[0, 0, 0], [0, 0, 0.503], [0, 0, z_anion[0]], [0, 0, z_anion[1]]]
+                                     ).get_primitive_structure()
+
+
+def test_coordinate_scan_moves_an_orbit_across_a_barrier_the_local_fit_cannot():
+    from xtalsolve.polish import free_coordinates, scan_coordinates
+
+    truth = _polar_r3m((0.378, 0.876))
+    pattern = lab_pattern(truth, (10.0, 90.0, 0.02), 200.0, "polar-simulated")
+    loss = pattern_loss(pattern, 200.0)
+    wrong = _polar_r3m((0.62, 0.26))  # Se and O each on the wrong side of their neighbours along the polar axis
+    assert free_coordinates(wrong) == 4
+    matcher = StructureMatcher()
+    descended, _ = polish([wrong], loss, PolishSettings(steps=60, prescan_scalings=0, prescan_starts=0))
+    assert not matcher.fit(descended[0], truth)  # the descent stays in the wrong minimum
+    picks = scan_coordinates(wrong, loss, trials=4096, keep=6, seed=0)
+    assert len(picks) == 6 and all(p.lattice == wrong.lattice for p in picks)
+    fitted, residuals = polish(picks, loss, PolishSettings(steps=40, prescan_scalings=0, prescan_starts=0,
+                                                           lattice_only=0.0, blur_start=0.0))
+    best = fitted[int(np.argmin(residuals))]
+    assert matcher.fit(best, truth)
+    assert residuals.min() < 0.5 * loss(CrystalBatch.from_structures(descended, dtype=torch.float64)).item()

@@ -358,14 +358,14 @@ def test_the_best_candidates_are_fitted_again_from_other_starts(tmp_path, monkey
     def generate(cell, n, seed, skip=0):
         return [MARCASITE_DRAWN.copy() for _ in range(n)]
 
-    base = SolveSettings(samples=1, natoms=6, refine_max_nfev=8, refine_top=1, size_hint_A=100.0)
+    base = SolveSettings(samples=1, natoms=6, refine_max_nfev=8, refine_top=1, size_hint_A=100.0, scan_top=0)
     once = solve(pattern, "FeAs2", generate, tmp_path / "once", replace(base, restarts=0))
     again = solve(pattern, "FeAs2", generate, tmp_path / "again", replace(base, restarts=3))
     assert again["screened"][0]["screen_residual"] < 0.2 * once["screened"][0]["screen_residual"]
     record = json.loads(next((tmp_path / "again" / "candidates").glob("*.json")).read_text())
     assert record["restarts"] == 3 and record["screen_residual"] == again["screened"][0]["screen_residual"]
     assert record["first_screen_residual"] == pytest.approx(once["screened"][0]["screen_residual"])
-    assert set(again["stage_timing_s"]) == {"screen", "restarts", "refinement"}
+    assert set(again["stage_timing_s"]) == {"screen", "restarts", "coordinate scan", "refinement"}
     assert sum(again["stage_timing_s"].values()) <= again["timing_s"]
     matcher = StructureMatcher()
     assert matcher.fit(Structure.from_file(tmp_path / "again" / "rank01.cif"), MARCASITE_TRUTH)
@@ -376,3 +376,39 @@ def test_the_best_candidates_are_fitted_again_from_other_starts(tmp_path, monkey
     assert resumed["screened"] == again["screened"]
     with pytest.raises(XtalsolveError, match="restarts must be >= 0"):
         SolveSettings(restarts=-1)
+
+
+def test_a_candidate_with_few_free_coordinates_is_searched_and_its_runner_up_listed(tmp_path, monkeypatch):
+    """The drawn polar R3m candidate of test_polish (Se and O on the wrong side of their neighbours along the
+    threefold axis) stays in its false minimum in the screening fit; the coordinate scan of the solver finds
+    the truth, lists the best other placement as a candidate of its own, and a resumed run does not scan again."""
+    from test_polish import _polar_r3m
+
+    from prototypes import lab_pattern
+    from xtalsolve.solve import SCAN_CHILD
+
+    truth, drawn = _polar_r3m((0.378, 0.876)), _polar_r3m((0.62, 0.26))
+    pattern = lab_pattern(truth, (10.0, 90.0, 0.02), 200.0, "polar-simulated")
+
+    def generate(cell, n, seed, skip=0):
+        return [drawn.copy() for _ in range(n)]
+
+    base = SolveSettings(samples=1, natoms=4, refine_max_nfev=8, refine_top=2, size_hint_A=200.0, restarts=0)
+    without = solve(pattern, "ZnGaSeO", generate, tmp_path / "without", replace(base, scan_top=0))
+    scanned = solve(pattern, "ZnGaSeO", generate, tmp_path / "scanned", base)
+    matcher = StructureMatcher()
+    assert len(without["candidates"]) == 1
+    assert not matcher.fit(Structure.from_file(tmp_path / "without" / "rank01.cif"), truth)
+    assert matcher.fit(Structure.from_file(tmp_path / "scanned" / "rank01.cif"), truth)
+    assert sorted(c["index"] for c in scanned["screened"]) == [0, SCAN_CHILD]
+    record = json.loads((tmp_path / "scanned" / "candidates" / "z01_000.json").read_text())
+    assert record["scanned"]["free_coordinates"] == 4
+    assert record["scanned"]["best_residual"] < record["scanned"]["first_screen_residual"]
+    assert len(scanned["candidates"]) + len(scanned["abandoned"]) == 2  # the runner-up refined (or given up) too
+
+    monkeypatch.setattr("xtalsolve.polish.polish", must_not_run)
+    monkeypatch.setattr("xtalsolve.polish.scan_coordinates", must_not_run)
+    resumed = solve(pattern, "ZnGaSeO", must_not_run, tmp_path / "scanned", base)
+    assert resumed["screened"] == scanned["screened"]
+    with pytest.raises(XtalsolveError, match="coordinate scan"):
+        SolveSettings(scan_keep=-1)

@@ -598,6 +598,10 @@ def solve(
     restarts: Annotated[int, typer.Option("--restarts", min=0, help="Further fits of each of the best screened "
                                           "candidates from other random trial cells (the fit is multimodal); "
                                           "0: none.")] = 3,
+    scan: Annotated[int, typer.Option("--scan", min=0, help="Best distinct fitted candidates with at most six free "
+                                      "coordinates whose coordinates are searched (4,096 placements in their "
+                                      "space group, cell kept; the fit alone stops in the nearest minimum); "
+                                      "0: none.")] = 4,
     refine: Annotated[int, typer.Option("--refine", help="Best distinct fitted candidates refined fully by "
                                         "Rietveld and ranked (each takes seconds to a minute); more can find a "
                                         "right candidate that the fit ranked lower, at that cost.")] = 3,
@@ -613,14 +617,14 @@ def solve(
         data = dataclasses.replace(data, max_pool=max_pool)
     _solve_and_report(data, formula, out, checkpoint, samples=samples, seed=seed, size_hint=size_hint, natoms=natoms,
                       steps=steps, guided=not no_guidance, generator=generator, rank_by=rank_by, shape=shape,
-                      library=library, fit_structure=fit_structure, restarts=restarts, refine=refine)
+                      library=library, fit_structure=fit_structure, restarts=restarts, refine=refine, scan=scan)
 
 
 def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *, samples: int, seed: int,
                       size_hint: float | None, natoms: int | None, steps: int, guided: bool,
                       generator: str = "prototype", rank_by: str = "auto", shape: str = "lorentzian",
                       library: str = "extended", fit_structure: str = "auto", restarts: int = 3,
-                      refine: int = 3) -> dict:
+                      refine: int = 3, scan: int = 4) -> dict:
     """Run the solver on a loaded pattern with a progress log on stderr and a one-line result on stdout."""
     import torch
     from rich.console import Console
@@ -637,7 +641,7 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
                              checkpoint)
     settings = SolveSettings(samples=samples, seed=seed, natoms=natoms, size_hint_A=size_hint, rank_by=rank_by,
                              crystallite_shape=shape, fit_structure=fit_structure,
-                             restarts=restarts, refine_top=refine)  # bad values fail here
+                             restarts=restarts, refine_top=refine, scan_top=scan)  # bad values fail here
     check_library(library)
     torch.set_num_threads(1)  # small batches: one thread is as fast and leaves the other cores free
     generate = make_generator(generator, checkpoint, data, steps, guided, size_hint_A=size_hint, library=library)

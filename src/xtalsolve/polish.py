@@ -166,6 +166,84 @@ def free_parameters(structure: Structure, symprec: float = 0.01) -> int:
     return int(np.linalg.matrix_rank(strain, tol=1e-6) + np.linalg.matrix_rank(shift, tol=1e-6))
 
 
+def free_coordinates(structure: Structure, symprec: float = 1e-3) -> int:
+    """Free fractional coordinates of ``structure`` in its space group (spglib at ``symprec`` angstrom)."""
+    return int(np.linalg.matrix_rank(_projectors(structure, symprec)[1], tol=1e-6))
+
+
+def _contacts_ok(lattice: torch.Tensor, frac: torch.Tensor, radii: torch.Tensor, factor: float) -> torch.Tensor:
+    """(M,) True where no two atoms of the trial coordinates ``frac`` (M, N, 3) in the one cell ``lattice``
+    (3, 3) are closer than ``factor`` x the sum of their radii (angstrom), over the 27 nearest cell images."""
+    images = torch.cartesian_prod(*[torch.arange(-1.0, 2.0, dtype=frac.dtype)] * 3)  # (27, 3)
+    gap = frac[:, :, None, :] - frac[:, None, :, :]
+    gap = gap - torch.round(gap)
+    cart = (gap[:, :, :, None, :] + images) @ lattice  # (M, N, N, 27, 3)
+    distance = cart.norm(dim=-1)
+    n = frac.shape[1]
+    distance[:, torch.arange(n), torch.arange(n), 13] = torch.inf  # an atom and itself (image 0, 0, 0)
+    limit = factor * (radii[:, None] + radii[None, :])
+    return (distance.amin(-1) >= limit).all(-1).all(-1)
+
+
+def scan_coordinates(structure: Structure, loss: PatternLoss, trials: int = 2048, keep: int = 4, seed: int = 0,
+                     symprec: float = 1e-3, contact: float = 0.6, distinct: float = 0.05,
+                     dtype: torch.dtype = torch.float32) -> list[Structure]:
+    """The ``keep`` best of ``trials`` random placements of the atoms of ``structure`` within its space group
+    (spglib at ``symprec`` angstrom), its cell fixed, by the residual of ``loss`` (sharp comparison, the
+    crystallite size ``loss.size`` or fitted to ``structure``); the structure itself is trial 0. Placements with
+    two atoms closer than ``contact`` x the sum of their atomic radii are skipped, and a placement is kept only
+    if some atom is more than ``distinct`` (fractional) away from where every better kept one put it, up to a
+    common translation.
+
+    The direct-space grid search of classical structure solution, for models with few free coordinates: the
+    local fit reaches the nearest minimum of a multimodal residual, and where an orbit sits on the wrong one of
+    its free positions (ZnGaPS in R3m with P and S a third of the polar axis apart) no descent moves it across,
+    while a few thousand placements cover a torus of up to three or four free coordinates densely. Placements
+    are orthonormal coordinates of the allowed shifts drawn uniformly from a box much wider than one period and
+    wrapped into the cell, so every free coordinate is close to uniform on its circle."""
+    _, projector = _projectors(structure, symprec)
+    u, singular, _ = np.linalg.svd(projector)
+    basis = u[:, singular > 0.5]  # (3N, m) orthonormal basis of the symmetric shifts
+    n = len(structure)
+    rng = np.random.default_rng(seed)
+    span = 10.0 * np.sqrt(3 * n)
+    moves = rng.uniform(-span, span, size=(trials, basis.shape[1])) @ basis.T
+    frac = np.remainder(structure.frac_coords[None] + moves.reshape(trials, n, 3), 1.0)
+    frac[0] = structure.frac_coords
+    lattice = torch.tensor(structure.lattice.matrix, dtype=torch.float64)
+    frac = torch.as_tensor(frac)
+    radii = torch.tensor([float(site.specie.atomic_radius or 1.5) for site in structure])
+    fine = _contacts_ok(lattice, frac, radii, contact)
+    fine[0] = True
+    frac = frac[fine]
+    one = CrystalBatch.from_structures([structure], dtype=torch.float64)
+    with torch.no_grad():
+        size = loss.size if loss.size is not None else fit_size(loss, one)
+        size = torch.as_tensor(size, dtype=torch.float64).reshape(-1)[:1]
+        residuals = []
+        for lo in range(0, len(frac), 512):
+            part = frac[lo:lo + 512]
+            m = len(part)
+            batch = CrystalBatch(lattice.expand(m, 3, 3), part, one.numbers.expand(m, -1),
+                                 one.occupancy.expand(m, -1))
+            residuals.append(torch.nan_to_num(loss.residual(batch.to(dtype=dtype), size=size.expand(m)),
+                                              nan=np.inf))
+        order = torch.cat(residuals).argsort()
+    chosen = []  # the best placements that differ: near copies of one minimum would fill every slot
+    for i in order.tolist():
+        gap = frac[chosen] - frac[i] if chosen else None
+        if gap is not None:  # a common translation (a free origin) does not make a placement new
+            gap = gap - torch.round(gap)
+            gap = gap - gap.mean(1, keepdim=True)
+        if gap is None or ((gap - torch.round(gap)).abs().amax((1, 2)) > distinct).all():
+            chosen.append(i)
+            if len(chosen) == keep:
+                break
+    species = [site.species for site in structure]
+    return [Structure(structure.lattice, species, frac[i].numpy(), properties=dict(structure.properties))
+            for i in chosen]
+
+
 def _trial_residuals(batch: CrystalBatch, loss: PatternLoss, strains: torch.Tensor, size: torch.Tensor, blur: float,
                      max_strain: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Residuals (B, K) of every crystal of ``batch`` under each of its K trial strains (B, K, 6), no gradients,
@@ -294,4 +372,5 @@ def polish(structures: Sequence[Structure], loss: PatternLoss, settings: PolishS
     return fitted, np.concatenate(residuals) if residuals else np.zeros(0)
 
 
-__all__ = ["PolishSettings", "SymmetryProjectors", "free_parameters", "polish", "polish_batch"]
+__all__ = ["PolishSettings", "SymmetryProjectors", "free_coordinates", "free_parameters", "polish", "polish_batch",
+           "scan_coordinates"]

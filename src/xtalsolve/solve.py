@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +113,17 @@ class SolveSettings:
     their best fit. Full structure fit only (a volume fit scans its one parameter nearly exhaustively). Measured
     on the 13 of the PXRDnet protocol's 24 strict @10 misses at 100 A whose type is in the library (stored runs
     re-fitted offline, ranked by the screen): 3 solved at rank 1 with 8 x 3 restarts (FeAs2, BiI3, BaO6), the
-    rescued candidates within 1.85 times the best score; see docs/solver.md, session 16."""
+    rescued candidates within 1.85 times the best score; see docs/solver.md, session 16.
+
+    ``scan_top``, ``scan_max_free``, ``scan_max_atoms``, ``scan_trials``, ``scan_keep``: after the restarts, the
+    ``scan_top`` best distinct screened candidates (within ``restart_within`` of the best score) that have 1 to
+    ``scan_max_free`` free coordinates in their space group and at most ``scan_max_atoms`` atoms in their
+    primitive cell get a direct-space search of their coordinates, their fitted cell kept (primitive):
+    ``scan_trials`` random placements within the group (:func:`xtalsolve.polish.scan_coordinates`), the
+    ``scan_keep`` best distinct ones fitted, and the best fit kept when it beats the screen's; when it beats it
+    by more than :data:`SCAN_GAIN`, the best fit that is another crystal is listed as a candidate too. Descents from a drawn prototype stop in the nearest minimum: ZnGaPS in the
+    NaCNO type of R3m kept P a third of the polar axis from where it belongs in every start. Full structure fit
+    only; ``scan_top`` 0: none (docs/solver.md, session 22)."""
 
     samples: int = 32
     max_trials: int = 5
@@ -137,6 +147,11 @@ class SolveSettings:
     restart_top: int = 8
     restarts: int = 3
     restart_within: float = 2.0
+    scan_top: int = 4
+    scan_max_free: int = 6
+    scan_max_atoms: int = 10
+    scan_trials: int = 4096
+    scan_keep: int = 6
 
     def __post_init__(self):
         from xtalsolve.physics.powder import check_shape
@@ -149,6 +164,8 @@ class SolveSettings:
         check_shape(self.crystallite_shape)
         if self.refine_top < 1:
             raise XtalsolveError(f"at least one candidate must be refined, not {self.refine_top}", "--refine")
+        if min(self.scan_top, self.scan_max_free, self.scan_trials, self.scan_keep) < 0:
+            raise XtalsolveError("the coordinate scan's settings must be >= 0", "--scan")
         if self.restarts < 0 or self.restart_top < 0:
             raise XtalsolveError(f"restarts must be >= 0, not {min(self.restarts, self.restart_top)}", "--restarts")
 
@@ -352,6 +369,13 @@ def distinct(records: Sequence[dict], n: int) -> list[dict]:
 
 SMALL_CELL = 4
 """Cells of up to this many atoms are always among the trials of Z."""
+
+SCAN_CHILD = 1000
+"""Index offset of the candidate that a coordinate scan adds beside the one it searched (its index + 1000)."""
+
+SCAN_GAIN = 0.95
+"""A coordinate scan whose best fit beats the screen's by more than this factor found the screen stuck in a false
+minimum; only then is its runner-up listed as a candidate of its own (else it would crowd the refinement)."""
 
 RAISE_SYMPREC = (0.05, 0.1, 0.2)
 """Tolerances (angstrom) of the search for missed symmetry in a refined candidate: the highest point group found
@@ -562,7 +586,7 @@ def solve(
     group, lattice (angstrom, degrees) and free parameters, and the time taken (s).
     """
     from xtalsolve.io.structures import write_cif
-    from xtalsolve.polish import PolishSettings, free_parameters, polish
+    from xtalsolve.polish import PolishSettings, free_coordinates, free_parameters, polish, scan_coordinates
     from xtalsolve.refine import instrument_of
     from xtalsolve.refine.report import cif_text, plot_fit
 
@@ -662,6 +686,53 @@ def solve(
                 keep_fit(record, structure, float(residuals[k, j]), path)
             path.write_text(json.dumps(record))
 
+    def scan(chosen: list[dict]) -> None:
+        """Search the coordinates of ``chosen`` (cell kept) where they have few free ones; a record keeps its
+        best fit, the best fit that is another crystal becomes a candidate of its own (index SCAN_CHILD + the
+        record's), and the record is marked (and stored) as scanned, so that a resumed run does not repeat it."""
+        from pymatgen.analysis.structure_matcher import StructureMatcher
+
+        bound = settings.restart_within * chosen[0]["screen_score"]
+        scan_fit = replace(fit_settings, steps=settings.polish_steps // 2, prescan_scalings=0, prescan_starts=0,
+                           lattice_only=0.0, blur_start=0.0)
+        for record in chosen:
+            child = _candidate_file(store, record["z"], SCAN_CHILD + record["index"])
+            if "scanned" in record:
+                if child.is_file() and not any(r["z"] == record["z"] and r["index"] == SCAN_CHILD + record["index"]
+                                               for r in records):
+                    records.append(_scored(json.loads(child.read_text()), settings, price))  # a resumed run
+                continue
+            if record["screen_score"] > bound:
+                continue
+            structure = Structure.from_str(record["screen_cif"], fmt="cif").get_primitive_structure()
+            free = free_coordinates(structure)
+            record["scanned"] = {"free_coordinates": free}
+            if 1 <= free <= settings.scan_max_free and len(structure) <= settings.scan_max_atoms:
+                say(f"Z = {record['z']}: searching the {free} free coordinates of candidate {record['index'] + 1}")
+                picks = scan_coordinates(structure, loss, settings.scan_trials, settings.scan_keep, settings.seed)
+                fitted, residuals = polish(picks, loss, scan_fit)
+                order = [j for j in np.argsort(residuals) if np.isfinite(residuals[j]) and fitted[j].volume > 0]
+                if order:
+                    best = order[0]
+                    record["scanned"] |= {"best_residual": float(residuals[best]),
+                                          "first_screen_residual": record["screen_residual"]}
+                    moved = residuals[best] < SCAN_GAIN * record["screen_residual"]
+                    matcher = StructureMatcher()
+                    other = next((j for j in order[1:] if not matcher.fit(fitted[j], fitted[best])), None) \
+                        if moved else None
+                    if other is not None:  # the fit was stuck: the next placement is listed too (near ties)
+                        runner = {"z": record["z"], "index": SCAN_CHILD + record["index"],
+                                  "candidate_cif": record["candidate_cif"], "prior_rank": record.get("prior_rank"),
+                                  "origin": f"{record.get('origin') or 'candidate'}; coordinate scan, second",
+                                  "scanned": {"child_of": record["index"]}}
+                        keep_fit(runner, fitted[other], float(residuals[other]), child)
+                        child.write_text(json.dumps(runner))
+                        records.append(runner)
+                    if residuals[best] < record["screen_residual"]:
+                        keep_fit(record, fitted[best], float(residuals[best]),
+                                 _candidate_file(store, record["z"], record["index"]))
+            _candidate_file(store, record["z"], record["index"]).write_text(json.dumps(record))
+
     def by_screen() -> list[dict]:
         return sorted((r for r in records if "screen_residual" in r), key=lambda r: r["screen_score"])
 
@@ -672,6 +743,10 @@ def solve(
         restart(distinct(screened, settings.restart_top))
         screened = by_screen()
     lap("restarts")
+    if fit == "full" and settings.scan_top > 0 and settings.scan_trials > 0 and settings.scan_keep > 0:
+        scan(distinct(screened, settings.scan_top))
+        screened = by_screen()
+    lap("coordinate scan")
     # full Rietveld for the best screened candidates (kept on disk too, so a resumed run skips them)
     observations, size = _observations(loss, Structure.from_str(screened[0]["screen_cif"], fmt="cif"),
                                        settings.size_hint_A)
