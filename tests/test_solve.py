@@ -412,3 +412,47 @@ def test_a_candidate_with_few_free_coordinates_is_searched_and_its_runner_up_lis
     assert resumed["screened"] == scanned["screened"]
     with pytest.raises(XtalsolveError, match="coordinate scan"):
         SolveSettings(scan_keep=-1)
+
+
+def _axial_r3m() -> Structure:
+    """Zn, Ga, Se and O on the threefold axis of R3m at heights 0, 0.21, 0.378, 0.876 (hexagonal c fractions)."""
+    return Structure.from_spacegroup("R3m", Lattice.hexagonal(3.88, 19.0), ["Zn", "Ga", "Se", "O"],
+                                     [[0, 0, 0], [0, 0, 0.21], [0, 0, 0.378], [0, 0, 0.876]])
+
+
+def test_a_species_swap_of_neighbours_in_the_periodic_table_is_recognised():
+    """Zn and Ga (Z 30, 31) swapped in a polar R3m crystal is the same crystal for X-rays and is named;
+    swapping Se and O (Z 34, 8) is not a near-swap (at pymatgen's default tolerances the two swaps of this
+    crystal match each other), and a crystal is no swap of itself."""
+    from xtalsolve.solve import species_swap
+
+    truth = _axial_r3m()
+    zn_ga = truth.copy()
+    zn_ga.replace_species({"Zn": "Ga", "Ga": "Zn"})
+    se_o = truth.copy()
+    se_o.replace_species({"Se": "O", "O": "Se"})
+    assert species_swap(truth, zn_ga) == ("Zn", "Ga")
+    assert species_swap(truth, se_o) is None
+    assert species_swap(truth, truth) is None
+
+
+def test_a_ranked_candidate_that_is_rank_one_with_two_species_swapped_is_a_caution(tmp_path):
+    """Candidates: the truth and the truth with Zn and Ga swapped; both are refined and the summary (and so the
+    CLI) names the swap instead of letting the second look like an independent solution."""
+    from prototypes import lab_pattern
+
+    truth = _axial_r3m().get_primitive_structure()
+    swapped = truth.copy()
+    swapped.replace_species({"Zn": "Ga", "Ga": "Zn"})
+    pattern = lab_pattern(truth, (10.0, 90.0, 0.02), 200.0, "polar-simulated")
+
+    def generate(cell, n, seed, skip=0):
+        return [(truth if (skip + i) % 2 == 0 else swapped).copy() for i in range(n)]
+
+    settings = SolveSettings(samples=2, natoms=4, refine_max_nfev=8, refine_top=2, size_hint_A=200.0, restarts=0,
+                             scan_top=0, abandon_factor=1e6)  # the swap's Rwp is far above the truth's 0
+    summary = solve(pattern, "ZnGaSeO", generate, tmp_path / "run", settings)
+    assert len(summary["candidates"]) == 2
+    assert len(summary["cautions"]) == 1
+    assert "rank02.cif" in summary["cautions"][0] and "Zn and Ga swapped" in summary["cautions"][0]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["cautions"] == summary["cautions"]

@@ -651,6 +651,8 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
     typer.echo(f"{out}: rank 1 {best['cif']} Rwp {best['rwp']:.2%} {best['space_group']} "
                f"({len(summary['candidates'])} refined of {len(summary['screened'])} fitted, ranked by "
                f"{summary['ranking']['by']}, {summary['timing_s']:.0f} s)")
+    for caution in summary.get("cautions", []):
+        typer.echo(f"caution: {caution}")
     return summary
 
 

@@ -306,6 +306,32 @@ def pattern_loss(pattern: Pattern, size_A: float | None = None, shape: str = "lo
                        biso_trials=trials, shift_trials=int(fit_nuisances))
 
 
+SWAP_MAX_DZ = 2
+"""Species whose atomic numbers differ by at most this scatter X-rays almost alike (Zn/Ga, Al/Si, P/S): a
+candidate that is rank 1 with two of them swapped is named in the summary's ``cautions``."""
+
+
+def species_swap(reference: Structure, other: Structure, max_dz: int = SWAP_MAX_DZ) -> tuple[str, str] | None:
+    """The pair of elements of ``reference`` whose atomic numbers differ by at most ``max_dz`` and whose swap
+    makes it ``other`` (pymatgen StructureMatcher at half its default tolerances, as :func:`repeats`: at the
+    defaults a crystal with its atoms on one axis matches swaps it is not), else None: for X-rays the two are
+    nearly the same crystal, and the pattern hardly decides between them (ZnGaPS of the PXRDnet benchmark: P and S
+    swapped fits its pattern better than the truth; docs/solver.md, session 22)."""
+    from itertools import combinations
+
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    matcher = StructureMatcher(ltol=0.1, stol=0.15, angle_tol=3)
+    elements = sorted(reference.composition.elements, key=lambda e: e.Z)
+    for a, b in combinations(elements, 2):
+        if abs(a.Z - b.Z) <= max_dz:
+            swapped = reference.copy()
+            swapped.replace_species({a: b, b: a})
+            if matcher.fit(swapped, other):
+                return str(a), str(b)
+    return None
+
+
 def repeats(structures: Sequence[Structure | None], residuals: Sequence[float] | None = None) -> list[int | None]:
     """For each structure, the index of the first earlier one that is the same crystal (pymatgen StructureMatcher
     at half its default tolerances: ltol 0.1, stol 0.15, angle 3 degrees), else None: a ranked list keeps only the
@@ -808,6 +834,15 @@ def solve(
     same = repeats([_read_cif(r["cif" if "rwp" in r else "screen_cif"]) for r in listed],
                    [r["screen_residual"] for r in listed])  # as listed: refined structures, else fitted ones
     same_as = {id(r): cif_of[id(listed[k])] for r, k in zip(listed, same) if k is not None}
+    cautions = []
+    first = _read_cif(ranked[0]["cif"]) if ranked else None
+    for entry, record in zip(candidates[1:], ranked[1:]):
+        other = _read_cif(record["cif"])
+        pair = species_swap(first, other) if first is not None and other is not None else None
+        if pair is not None:
+            cautions.append(f"{entry['cif']} (Rwp {entry['rwp']:.2%}) is rank 1 (Rwp {candidates[0]['rwp']:.2%}) "
+                            f"with {pair[0]} and {pair[1]} swapped: X-rays barely tell them apart (neutron "
+                            f"contrast, bond valences or chemistry decide)")
     summary = {
         "formula": composition.reduced_formula,
         "source": pattern.source,
@@ -816,6 +851,7 @@ def solve(
                     "crystallite_size_A": round(size, 1), "coherence_length_A": round(coherence, 1),
                     "structure_fit": fit},
         "candidates": candidates,
+        "cautions": cautions,
         "screened": [{"z": r["z"], "index": r["index"], "screen_residual": r["screen_residual"],
                       "screen_score": r["screen_score"], "refined": "rwp" in r, "origin": r.get("origin"),
                       "cif": stored_cif(r), "same_as": same_as.get(id(r))}
