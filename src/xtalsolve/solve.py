@@ -120,8 +120,12 @@ class SolveSettings:
     ``scan_max_free`` free coordinates in their space group and at most ``scan_max_atoms`` atoms in their
     primitive cell get a direct-space search of their coordinates, their fitted cell kept (primitive):
     ``scan_trials`` random placements within the group (:func:`xtalsolve.polish.scan_coordinates`), the
-    ``scan_keep`` best distinct ones fitted, and the best fit kept when it beats the screen's; when it beats it
-    by more than :data:`SCAN_GAIN`, the best fit that is another crystal is listed as a candidate too. Descents from a drawn prototype stop in the nearest minimum: ZnGaPS in the
+    ``scan_keep`` best distinct ones fitted. The scan proposes and Rietveld decides: the candidate keeps its
+    fit, and the best scanned fit that is another crystal and beats it by more than :data:`SCAN_LIST` is listed as
+    a candidate of its own, with, when it beats it by more than :data:`SCAN_GAIN`, the next other crystal too;
+    both are refined beside the ``refine_top``. On measured patterns the sharp screening residual can prefer a
+    placement that Rietveld rejects (Rb2S, Al2O3; docs/solver.md, session 22). Descents from a drawn
+    prototype stop in the nearest minimum: ZnGaPS in the
     NaCNO type of R3m kept P a third of the polar axis from where it belongs in every start. Full structure fit
     only; ``scan_top`` 0: none (docs/solver.md, session 22)."""
 
@@ -397,11 +401,16 @@ SMALL_CELL = 4
 """Cells of up to this many atoms are always among the trials of Z."""
 
 SCAN_CHILD = 1000
-"""Index offset of the candidate that a coordinate scan adds beside the one it searched (its index + 1000)."""
+"""Index offset of the candidates that a coordinate scan adds beside the one it searched: k x 1000 + its index
+for the k-th (k = 1: the scan's best other crystal, k = 2: the next one)."""
+
+SCAN_LIST = 0.99
+"""A scanned fit that is another crystal is listed only when its residual is below this factor times the
+candidate's own (a gain within the fit's run-to-run spread is not worth a refinement)."""
 
 SCAN_GAIN = 0.95
-"""A coordinate scan whose best fit beats the screen's by more than this factor found the screen stuck in a false
-minimum; only then is its runner-up listed as a candidate of its own (else it would crowd the refinement)."""
+"""A scan whose best other crystal beats the candidate's fit by more than this factor found the screen stuck in a
+false minimum; only then is the next other crystal listed too (near ties such as species swaps)."""
 
 RAISE_SYMPREC = (0.05, 0.1, 0.2)
 """Tolerances (angstrom) of the search for missed symmetry in a refined candidate: the highest point group found
@@ -713,50 +722,54 @@ def solve(
             path.write_text(json.dumps(record))
 
     def scan(chosen: list[dict]) -> None:
-        """Search the coordinates of ``chosen`` (cell kept) where they have few free ones; a record keeps its
-        best fit, the best fit that is another crystal becomes a candidate of its own (index SCAN_CHILD + the
-        record's), and the record is marked (and stored) as scanned, so that a resumed run does not repeat it."""
+        """Search the coordinates of ``chosen`` (cell kept) where they have few free ones; a record keeps its own
+        fit, the scan's best other crystals (:data:`SCAN_LIST`, :data:`SCAN_GAIN`) become candidates of their own
+        (index k x SCAN_CHILD + the record's), and the record is marked (and stored) as scanned, so that a
+        resumed run does not repeat it."""
         from pymatgen.analysis.structure_matcher import StructureMatcher
 
         bound = settings.restart_within * chosen[0]["screen_score"]
         scan_fit = replace(fit_settings, steps=settings.polish_steps // 2, prescan_scalings=0, prescan_starts=0,
                            lattice_only=0.0, blur_start=0.0)
+        matcher = StructureMatcher()
         for record in chosen:
-            child = _candidate_file(store, record["z"], SCAN_CHILD + record["index"])
             if "scanned" in record:
-                if child.is_file() and not any(r["z"] == record["z"] and r["index"] == SCAN_CHILD + record["index"]
-                                               for r in records):
-                    records.append(_scored(json.loads(child.read_text()), settings, price))  # a resumed run
+                for k in (1, 2):  # a resumed run: the candidates it listed
+                    index = k * SCAN_CHILD + record["index"]
+                    child = _candidate_file(store, record["z"], index)
+                    if child.is_file() and not any(r["z"] == record["z"] and r["index"] == index for r in records):
+                        records.append(_scored(json.loads(child.read_text()), settings, price))
                 continue
             if record["screen_score"] > bound:
                 continue
-            structure = Structure.from_str(record["screen_cif"], fmt="cif").get_primitive_structure()
+            own = Structure.from_str(record["screen_cif"], fmt="cif")
+            structure = own.get_primitive_structure()
             free = free_coordinates(structure)
             record["scanned"] = {"free_coordinates": free}
             if 1 <= free <= settings.scan_max_free and len(structure) <= settings.scan_max_atoms:
                 say(f"Z = {record['z']}: searching the {free} free coordinates of candidate {record['index'] + 1}")
                 picks = scan_coordinates(structure, loss, settings.scan_trials, settings.scan_keep, settings.seed)
                 fitted, residuals = polish(picks, loss, scan_fit)
-                order = [j for j in np.argsort(residuals) if np.isfinite(residuals[j]) and fitted[j].volume > 0]
-                if order:
-                    best = order[0]
-                    record["scanned"] |= {"best_residual": float(residuals[best]),
-                                          "first_screen_residual": record["screen_residual"]}
-                    moved = residuals[best] < SCAN_GAIN * record["screen_residual"]
-                    matcher = StructureMatcher()
-                    other = next((j for j in order[1:] if not matcher.fit(fitted[j], fitted[best])), None) \
-                        if moved else None
-                    if other is not None:  # the fit was stuck: the next placement is listed too (near ties)
-                        runner = {"z": record["z"], "index": SCAN_CHILD + record["index"],
-                                  "candidate_cif": record["candidate_cif"], "prior_rank": record.get("prior_rank"),
-                                  "origin": f"{record.get('origin') or 'candidate'}; coordinate scan, second",
-                                  "scanned": {"child_of": record["index"]}}
-                        keep_fit(runner, fitted[other], float(residuals[other]), child)
-                        child.write_text(json.dumps(runner))
-                        records.append(runner)
-                    if residuals[best] < record["screen_residual"]:
-                        keep_fit(record, fitted[best], float(residuals[best]),
-                                 _candidate_file(store, record["z"], record["index"]))
+                first = record["screen_residual"]
+                new = [j for j in np.argsort(residuals) if np.isfinite(residuals[j]) and fitted[j].volume > 0
+                       and not matcher.fit(fitted[j], own)]  # other crystals than the candidate's own fit
+                listed = new[:1] if new and residuals[new[0]] < SCAN_LIST * first else []
+                if listed and residuals[listed[0]] < SCAN_GAIN * first:  # the fit was stuck: the next one too
+                    listed += [j for j in new[1:] if not matcher.fit(fitted[j], fitted[listed[0]])][:1]
+                finite = residuals[np.isfinite(residuals)]
+                record["scanned"] |= {"best_residual": float(finite.min()) if len(finite) else None,
+                                      "first_screen_residual": first, "listed": len(listed)}
+                for k, j in enumerate(listed, 1):
+                    index = k * SCAN_CHILD + record["index"]
+                    child = {"z": record["z"], "index": index, "candidate_cif": record["candidate_cif"],
+                             "prior_rank": record.get("prior_rank"),
+                             "origin": f"{record.get('origin') or 'candidate'}; coordinate scan, "
+                                       f"{('best', 'second')[k - 1]}",
+                             "scanned": {"child_of": record["index"]}}
+                    path = _candidate_file(store, record["z"], index)
+                    keep_fit(child, fitted[j], float(residuals[j]), path)
+                    path.write_text(json.dumps(child))
+                    records.append(child)
             _candidate_file(store, record["z"], record["index"]).write_text(json.dumps(record))
 
     def by_screen() -> list[dict]:
@@ -779,7 +792,8 @@ def solve(
     basis = ranking_basis(settings, observations)
     best, best_key = None, None
     best_rwp = min((r["rwp"] for r in records if "rwp" in r), default=np.inf)
-    for record in distinct(screened, settings.refine_top):
+    proposed = sum(1 for r in records if "child_of" in r.get("scanned", {}))  # the scan's: refined beside the top
+    for record in distinct(screened, settings.refine_top + proposed):
         path = _candidate_file(store, record["z"], record["index"])
         if "rwp" in record or "refine_failed" in record or "abandoned" in record:
             continue
