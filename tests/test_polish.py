@@ -189,11 +189,11 @@ def test_the_fit_is_multimodal_and_another_seed_can_end_in_the_true_minimum():
     assert (True, True) in outcomes[1:]  # ... another one on the truth
 
 
-def _polar_r3m(z_anion: tuple[float, float]) -> Structure:
-    """Four atoms on the threefold axis of R3m (the ZnGaPS type of the PXRDnet benchmark), Se and O at the two
-    heights ``z_anion`` (hexagonal c fractions), as a primitive cell."""
+def _polar_r3m(z_anion: tuple[float, float], z_ga: float = 0.503) -> Structure:
+    """Four atoms on the threefold axis of R3m (the ZnGaPS type of the PXRDnet benchmark), Zn at height 0, Ga at
+    ``z_ga``, Se and O at the two heights ``z_anion`` (hexagonal c fractions), as a primitive cell."""
     return Structure.from_spacegroup("R3m", Lattice.hexagonal(3.88, 19.0), ["Zn", "Ga", "Se", "O"],
-                                     [[0, 0, 0], [0, 0, 0.503], [0, 0, z_anion[0]], [0, 0, z_anion[1]]]
+                                     [[0, 0, 0], [0, 0, z_ga], [0, 0, z_anion[0]], [0, 0, z_anion[1]]]
                                      ).get_primitive_structure()
 
 

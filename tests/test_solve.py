@@ -417,19 +417,15 @@ def test_a_candidate_with_few_free_coordinates_is_searched_and_its_runner_up_lis
         SolveSettings(scan_keep=-1)
 
 
-def _axial_r3m() -> Structure:
-    """Zn, Ga, Se and O on the threefold axis of R3m at heights 0, 0.21, 0.378, 0.876 (hexagonal c fractions)."""
-    return Structure.from_spacegroup("R3m", Lattice.hexagonal(3.88, 19.0), ["Zn", "Ga", "Se", "O"],
-                                     [[0, 0, 0], [0, 0, 0.21], [0, 0, 0.378], [0, 0, 0.876]])
-
-
 def test_a_species_swap_of_neighbours_in_the_periodic_table_is_recognised():
     """Zn and Ga (Z 30, 31) swapped in a polar R3m crystal is the same crystal for X-rays and is named;
     swapping Se and O (Z 34, 8) is not a near-swap (at pymatgen's default tolerances the two swaps of this
     crystal match each other), and a crystal is no swap of itself."""
+    from test_polish import _polar_r3m
+
     from xtalsolve.solve import species_swap
 
-    truth = _axial_r3m()
+    truth = _polar_r3m((0.378, 0.876), z_ga=0.21)  # Ga half a period above Zn: its Zn/Ga swap is its Se/O swap
     zn_ga = truth.copy()
     zn_ga.replace_species({"Zn": "Ga", "Ga": "Zn"})
     se_o = truth.copy()
@@ -442,9 +438,11 @@ def test_a_species_swap_of_neighbours_in_the_periodic_table_is_recognised():
 def test_a_ranked_candidate_that_is_rank_one_with_two_species_swapped_is_a_caution(tmp_path):
     """Candidates: the truth and the truth with Zn and Ga swapped; both are refined and the summary (and so the
     CLI) names the swap instead of letting the second look like an independent solution."""
+    from test_polish import _polar_r3m
+
     from prototypes import lab_pattern
 
-    truth = _axial_r3m().get_primitive_structure()
+    truth = _polar_r3m((0.378, 0.876), z_ga=0.21)
     swapped = truth.copy()
     swapped.replace_species({"Zn": "Ga", "Ga": "Zn"})
     pattern = lab_pattern(truth, (10.0, 90.0, 0.02), 200.0, "polar-simulated")

@@ -310,6 +310,10 @@ def pattern_loss(pattern: Pattern, size_A: float | None = None, shape: str = "lo
                        biso_trials=trials, shift_trials=int(fit_nuisances))
 
 
+SAME_CRYSTAL = {"ltol": 0.1, "stol": 0.15, "angle_tol": 3}
+"""pymatgen StructureMatcher tolerances (half its defaults) at which two fits to one pattern are the same crystal
+(:func:`repeats`, :func:`species_swap`)."""
+
 SWAP_MAX_DZ = 2
 """Species whose atomic numbers differ by at most this scatter X-rays almost alike (Zn/Ga, Al/Si, P/S): a
 candidate that is rank 1 with two of them swapped is named in the summary's ``cautions``."""
@@ -325,7 +329,7 @@ def species_swap(reference: Structure, other: Structure, max_dz: int = SWAP_MAX_
 
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
-    matcher = StructureMatcher(ltol=0.1, stol=0.15, angle_tol=3)
+    matcher = StructureMatcher(**SAME_CRYSTAL)
     elements = sorted(reference.composition.elements, key=lambda e: e.Z)
     for a, b in combinations(elements, 2):
         if abs(a.Z - b.Z) <= max_dz:
@@ -350,7 +354,7 @@ def repeats(structures: Sequence[Structure | None], residuals: Sequence[float] |
     e.g. two atoms refined onto one site) repeats nothing and is repeated by nothing."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
-    matcher = StructureMatcher(ltol=0.1, stol=0.15, angle_tol=3, primitive_cell=False)  # primitive cells found once
+    matcher = StructureMatcher(**SAME_CRYSTAL, primitive_cell=False)  # primitive cells found once
     structures = [None if st is None else st.get_primitive_structure() for st in structures]
     volume = [np.nan if st is None else st.volume / len(st) for st in structures]
     misfit = list(residuals) if residuals is not None else [1.0] * len(structures)
@@ -845,14 +849,13 @@ def solve(
         return str(_candidate_file(store, r["z"], r["index"]).with_suffix(".cif").relative_to(out))
 
     cif_of = {id(r): f"rank{k:02d}.cif" if k <= len(ranked) else stored_cif(r) for k, r in enumerate(listed, start=1)}
-    same = repeats([_read_cif(r["cif" if "rwp" in r else "screen_cif"]) for r in listed],
-                   [r["screen_residual"] for r in listed])  # as listed: refined structures, else fitted ones
+    structures = [_read_cif(r["cif" if "rwp" in r else "screen_cif"]) for r in listed]  # refined, else fitted
+    same = repeats(structures, [r["screen_residual"] for r in listed])
     same_as = {id(r): cif_of[id(listed[k])] for r, k in zip(listed, same) if k is not None}
     cautions = []
-    first = _read_cif(ranked[0]["cif"]) if ranked else None
-    for entry, record in zip(candidates[1:], ranked[1:]):
-        other = _read_cif(record["cif"])
-        pair = species_swap(first, other) if first is not None and other is not None else None
+    rank_one = structures[0] if ranked else None
+    for entry, other in zip(candidates[1:], structures[1:len(ranked)]):
+        pair = species_swap(rank_one, other) if rank_one is not None and other is not None else None
         if pair is not None:
             cautions.append(f"{entry['cif']} (Rwp {entry['rwp']:.2%}) is rank 1 (Rwp {candidates[0]['rwp']:.2%}) "
                             f"with {pair[0]} and {pair[1]} swapped: X-rays barely tell them apart (neutron "
