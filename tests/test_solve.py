@@ -425,7 +425,7 @@ def test_a_species_swap_of_neighbours_in_the_periodic_table_is_recognised():
 
     from xtalsolve.solve import species_swap
 
-    truth = _polar_r3m((0.378, 0.876), z_ga=0.21)  # Ga half a period above Zn: its Zn/Ga swap is its Se/O swap
+    truth = _polar_r3m((0.378, 0.876), z_ga=0.21)  # not 0.503: with Ga half a period above Zn its Zn/Ga swap is its Se/O swap
     zn_ga = truth.copy()
     zn_ga.replace_species({"Zn": "Ga", "Ga": "Zn"})
     se_o = truth.copy()
