@@ -37,7 +37,9 @@ from xtalsolve.diffusion.guidance import (
 )
 from xtalsolve.diffusion.model import CrystalDiffusion, ModelConfig, conditional_denoiser
 from xtalsolve.diffusion.sampler import generate_structures, numbers_of, sample
-from xtalsolve.diffusion.train import config_from_dict, load_checkpoint, load_config, read_log, train
+from xtalsolve.diffusion import train as train_module
+from xtalsolve.diffusion.train import (config_from_dict, export_training_data, load_checkpoint, load_config, load_model,
+                                       ordered_only, read_log, train, training_data)
 from xtalsolve.errors import XtalsolveError
 from xtalsolve.physics.powder import Instrument, powder_pattern
 
@@ -245,6 +247,232 @@ def test_training_smoke_decreases_loss_and_resumes_exactly(tmp_path):
     resumed = {r["step"]: r["loss"] for r in read_log(tmp_path / "b") if "loss" in r}
     assert set(resumed) == {9, 10} and math.isfinite(resumed[10])
     assert resumed[9] == losses[9]  # same batch, noise, weights and optimiser state (later lr differ: steps differ)
+
+
+def _quiet_train(options: dict, data=None) -> dict:
+    return train(config_from_dict(options), data=data, progress=False, log=lambda s: None)
+
+
+def _training_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(run_dir) if "loss" in r}
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_loader_workers_do_not_change_what_training_sees(tmp_path):
+    """Each step's loss inputs are a function of (seed, step): two worker processes (one torch thread each) give
+    the in-line run's losses and weights bit for bit, even with two threads in the main process."""
+    data = (_tensors(toy_structures(24), "t"), _tensors(toy_structures(8, seed=1), "v"))
+    options = {"steps": 5, "batch_size": 8, "lr": 2e-3, "warmup": 1, "checkpoint_every": 100, "val_every": 100,
+               "val_batches": 1, "threads": 2, "model": TINY, "seed": 5}
+    saved = torch.get_num_threads()
+    try:
+        inline = _quiet_train({**options, "run_dir": str(tmp_path / "w0"), "loader_workers": 0}, data)
+        workers = _quiet_train({**options, "run_dir": str(tmp_path / "w2"), "loader_workers": 2}, data)
+    finally:
+        torch.set_num_threads(saved)
+    assert inline["step"] == workers["step"] == 5 and inline["stopped"] is None and workers["stopped"] is None
+    losses = _training_losses(tmp_path / "w0")
+    assert sorted(losses) == [1, 2, 3, 4, 5] and len(set(losses.values())) == 5  # distinct batches and noise
+    assert _training_losses(tmp_path / "w2") == losses  # exact float equality, step by step
+    val = lambda run: [(r["step"], r["val_loss"]) for r in read_log(run) if "val_loss" in r]
+    assert val(tmp_path / "w2") == val(tmp_path / "w0")
+    a = load_checkpoint(tmp_path / "w0" / "checkpoints" / "step_0000005.pt")
+    b = load_checkpoint(tmp_path / "w2" / "checkpoints" / "step_0000005.pt")
+    _assert_same_weights(a["ema"], b["ema"])
+    _assert_same_weights(a["model"], b["model"])
+
+
+def test_time_limit_stops_checkpointed_and_the_same_run_resumes_exactly(tmp_path):
+    data = (_tensors(toy_structures(24), "t"), _tensors(toy_structures(8, seed=1), "v"))
+    options = {"steps": 6, "batch_size": 8, "lr": 2e-3, "warmup": 1, "checkpoint_every": 100, "val_every": 100,
+               "val_batches": 1, "threads": 1, "model": TINY, "seed": 7}
+    full = _quiet_train({**options, "run_dir": str(tmp_path / "full")}, data)
+    assert full["step"] == 6 and full["stopped"] is None
+    # a limit of 0 s is exceeded after the first step: stop there, validated and checkpointed (workers shut down)
+    cut = {**options, "run_dir": str(tmp_path / "cut"), "loader_workers": 2}
+    lines = []
+    first = train(config_from_dict({**cut, "time_limit_s": 0.0}), data=data, progress=False, log=lines.append)
+    assert first["step"] == 1 and first["stopped"] and "time limit" in first["stopped"]
+    assert any("stopped at step 1 of 6" in line for line in lines)
+    assert [p.name for p in sorted((tmp_path / "cut" / "checkpoints").glob("*.pt"))] == ["step_0000001.pt"]
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_0000001.pt")["step"] == 1
+    assert [r["step"] for r in read_log(tmp_path / "cut") if "val_loss" in r] == [0, 1]
+    assert sorted(_training_losses(tmp_path / "cut")) == [1]
+    # the same config without the limit resumes at step 1 and finishes as the uninterrupted run
+    lines.clear()
+    second = train(config_from_dict({**cut, "time_limit_s": None}), data=data, progress=False, log=lines.append)
+    assert second["step"] == 6 and second["stopped"] is None
+    assert any("resumed" in line and "step 1" in line for line in lines)
+    steps = [r["step"] for r in read_log(tmp_path / "cut") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # consecutive, no duplicates
+    assert _training_losses(tmp_path / "cut") == _training_losses(tmp_path / "full")
+    _assert_same_weights(load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_0000006.pt")["ema"],
+                         load_checkpoint(tmp_path / "full" / "checkpoints" / "step_0000006.pt")["ema"])
+
+
+class _Pool:
+    """Stands in for a training pool / validation set: ``load`` as the real pools, without parsing CIFs."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def load(self, limit=None, workers=1, cache=True):
+        return self.tensors.subset(np.arange(min(limit or len(self.tensors), len(self.tensors))))
+
+
+def _no_pools(config):
+    raise AssertionError("training from data_dir must not touch the shared data")
+
+
+def _export_toy(monkeypatch, folder, **options) -> tuple:
+    """Export 16 training and 8 validation toy crystals (a quarter of them fluorites of 12 atoms) with
+    max_atoms 8; returns (meta, expected train, expected val)."""
+    train_pool, val_pool = _tensors(toy_structures(16), "t"), _tensors(toy_structures(8, seed=1), "v")
+    monkeypatch.setattr(train_module, "_pools", lambda config: (_Pool(train_pool), _Pool(val_pool)))
+    config = config_from_dict({"max_atoms": 8, "val_limit": 5, **options})
+    meta = export_training_data(config, folder)
+    monkeypatch.setattr(train_module, "_pools", _no_pools)
+    return meta, ordered_only(train_pool, 8), ordered_only(val_pool.subset(np.arange(5)), 8)
+
+
+def _same_tensors(a, b) -> None:
+    for name in ("lattice", "frac", "numbers", "occupancy", "site", "offsets", "ids", "formulas"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_exported_training_data_trains_without_the_pools_and_mismatches_are_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "export"
+    meta, train_set, val_set = _export_toy(monkeypatch, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["data.json", "train.npz", "val.npz"]
+    assert (len(train_set), len(val_set)) == (12, 4)  # fluorites (12 atoms) filtered out; val_limit 5 applied
+    assert meta["protocol"] == "mp20" and meta["max_atoms"] == 8 and (meta["n_train"], meta["n_val"]) == (12, 4)
+    assert json.loads((folder / "data.json").read_text()) == meta
+    options = {"data_dir": str(folder), "max_atoms": 8, "val_limit": 5, "batch_size": 4, "val_batches": 1, "threads": 1,
+               "model": TINY, "warmup": 1, "checkpoint_every": 100, "val_every": 100}
+    train_read, val_read = training_data(config_from_dict(options))  # _pools now fails if called
+    _same_tensors(train_read, train_set)
+    _same_tensors(val_read, val_set)
+    limited, _ = training_data(config_from_dict({**options, "limit": 5}))
+    assert list(limited.ids) == list(train_set.ids[:5])
+    summary = _quiet_train({**options, "steps": 2, "run_dir": str(tmp_path / "run")})
+    assert summary["step"] == 2 and (summary["n_train"], summary["n_val"]) == (12, 4)
+    assert all(math.isfinite(v) for v in _training_losses(tmp_path / "run").values())
+    # exported for another protocol, max_atoms or validation size: refused, naming the folder and both settings
+    for wrong, words in (({"max_atoms": 20}, ["max_atoms 8", "20"]), ({"protocol": "pxrdnet"}, ["'mp20'", "'pxrdnet'"]),
+                         ({"val_limit": 256}, ["val_limit 5", "256"])):
+        with pytest.raises(XtalsolveError) as err:
+            training_data(config_from_dict({**options, **wrong}))
+        assert err.value.source == str(folder) and str(folder) in str(err.value)
+        assert all(w in err.value.problem for w in words), err.value.problem
+    # not an export folder: no data.json, or data.json without the arrays
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(XtalsolveError, match="not an exported training-data folder") as err:
+        training_data(config_from_dict({**options, "data_dir": str(empty)}))
+    assert err.value.source == str(empty)
+    (empty / "data.json").write_text((folder / "data.json").read_text())
+    with pytest.raises(XtalsolveError, match="not an exported training-data folder"):
+        training_data(config_from_dict({**options, "data_dir": str(empty)}))
+    with pytest.raises(XtalsolveError, match="not an exported training-data folder"):
+        training_data(config_from_dict({**options, "data_dir": str(tmp_path / "missing")}))
+
+
+BLOCK_PYMATGEN = """
+import json, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pymatgen" or name.startswith("pymatgen."):
+            raise ImportError("blocked " + name)
+sys.meta_path.insert(0, Block())
+try:
+    import pymatgen.core
+    raise SystemExit("pymatgen was not blocked")
+except ImportError:
+    pass
+import numpy as np, torch
+import xtalsolve.diffusion.train as tr, xtalsolve.data.structures as st, xtalsolve.data.augment as au
+torch.set_num_threads(1)
+folder, run_dir = sys.argv[1], sys.argv[2]
+train_set = st.StructureTensors.load(folder + "/train.npz")
+patterns, pmask, _ = au.training_patterns(train_set.batch(np.arange(4), dtype=torch.float32), au.Augmentation(),
+                                          torch.Generator().manual_seed(11))
+np.save(run_dir + "_patterns.npy", patterns.numpy())
+config = tr.config_from_dict({"data_dir": folder, "run_dir": run_dir, "max_atoms": 8, "val_limit": 5, "steps": 2, "batch_size": 4,
+                              "val_batches": 1, "threads": 1, "warmup": 1, "model": json.loads(sys.argv[3])})
+summary = tr.train(config, progress=False, log=lambda s: None)
+print(json.dumps({"step": summary["step"], "pymatgen": sorted(m for m in sys.modules if m.startswith("pymatgen"))}))
+"""
+
+
+def test_training_imports_and_runs_without_pymatgen(tmp_path, monkeypatch):
+    """A GPU machine without pymatgen: the training modules import, patterns are simulated and a run from an
+    exported folder trains; the patterns equal those simulated here with pymatgen present."""
+    from xtalsolve.data.augment import Augmentation, training_patterns
+
+    folder = tmp_path / "export"
+    _, train_set, _ = _export_toy(monkeypatch, folder)
+    run = subprocess.run([sys.executable, "-c", BLOCK_PYMATGEN, str(folder), str(tmp_path / "run"), json.dumps(TINY)],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out == {"step": 2, "pymatgen": []}
+    assert sorted(_training_losses(tmp_path / "run")) == [1, 2]
+    blocked = np.load(tmp_path / "run_patterns.npy")
+    here, _, _ = training_patterns(train_set.batch(np.arange(4), dtype=torch.float32), Augmentation(),
+                                   torch.Generator().manual_seed(11))
+    assert blocked.shape == (4, 512) and np.isfinite(blocked).all() and blocked.max() > 0
+    np.testing.assert_array_equal(blocked, here.numpy())
+
+
+def test_train_command_time_limit_stops_and_the_same_command_resumes(tmp_path, monkeypatch):
+    folder = tmp_path / "export"
+    _export_toy(monkeypatch, folder)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "max_atoms": 8, "val_limit": 5, "steps": 50, "batch_size": 4,
+                                  "val_batches": 1, "threads": 1, "warmup": 1, "model": TINY}))
+    command = [sys.executable, "-m", "xtalsolve.cli", "train", "--config", str(config), "--data-dir", str(folder),
+               "--time-limit", "0", "--no-progress"]
+    for expected in (1, 2):
+        run = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert run.returncode == 0, run.stderr[-3000:]
+        summary = json.loads(run.stdout.strip().splitlines()[-1])
+        assert summary["step"] == expected and "time limit" in summary["stopped"] and summary["n_train"] == 12
+        assert f"stopped at step {expected} of 50" in run.stderr
+    assert "resumed" in run.stderr
+    assert [r["step"] for r in read_log(tmp_path / "run") if "loss" in r] == [1, 2]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["time_limit_s"] == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000002.pt")["step"] == 2
+
+
+def test_budgeted_training_probes_then_fits_the_schedule_to_the_budget(tmp_path, monkeypatch):
+    """tools/train_within_budget.py: a probe inside the warm-up, then steps = probe rate x time left; the best
+    EMA weights, the log and a summary land in --out."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_within_budget", ROOT / "tools" / "train_within_budget.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    folder = tmp_path / "export"
+    _export_toy(monkeypatch, folder)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"max_atoms": 8, "val_limit": 5, "steps": 10**6, "batch_size": 4, "val_batches": 1,
+                                  "threads": 1, "warmup": 100, "model": TINY}))
+    monkeypatch.setattr(tool, "RESERVE_S", 0.0)
+    args = ["--config", str(config), "--data-dir", str(folder), "--run-dir", str(tmp_path / "run"), "--budget", "4",
+            "--probe-steps", "3", "--out", str(tmp_path / "out")]
+    assert tool.main(args) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["best.pt", "log.jsonl", "summary.json"]
+    assert summary["planned_steps"] > 3 and summary["config"]["steps"] == summary["planned_steps"]
+    assert 3 < summary["step"] <= summary["planned_steps"] and summary["wall_s"] < 4 + 10
+    assert [r["step"] for r in read_log(tmp_path / "out") if "loss" in r] == list(range(1, summary["step"] + 1))
+    assert load_model(tmp_path / "out" / "best.pt") is not None
+    assert tool.main([*args[:-6], "--budget", "4", "--probe-steps", "100", "--out", str(tmp_path / "o2")]) == 1
 
 
 def test_config_files_load_and_bad_options_are_reported(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -547,13 +548,23 @@ def train(
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Override the config's run folder.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Override the number of steps.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Train on the first N pool structures (smoke runs).")] = None,
+    time_limit: Annotated[Optional[float], typer.Option("--time-limit", help="Stop after this many seconds, "
+                                                        "checkpointed; the same command resumes.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Train on a folder written by --export-data "
+                                                     "(no shared data or pymatgen needed).")] = None,
+    export_data: Annotated[Optional[Path], typer.Option("--export-data", help="Only parse the config's training and "
+                                                        "validation sets into this folder, then stop.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ):
     """Train (or resume) the pattern-conditioned crystal diffusion model; checkpoints and log.jsonl in the run folder."""
-    from xtalsolve.diffusion.train import load_config
+    from xtalsolve.diffusion.train import export_training_data, load_config
     from xtalsolve.diffusion.train import train as run_training
 
-    cfg = load_config(config, run_dir=None if run_dir is None else str(run_dir), steps=steps, limit=limit)
+    cfg = load_config(config, run_dir=None if run_dir is None else str(run_dir), steps=steps, limit=limit,
+                      time_limit_s=time_limit, data_dir=None if data_dir is None else str(data_dir))
+    if export_data is not None:
+        typer.echo(json.dumps(export_training_data(cfg, export_data, workers=max(os.cpu_count() or 1, 1))))
+        return
     summary = run_training(cfg, progress=progress, log=lambda line: typer.echo(line, err=True))
     typer.echo(json.dumps(summary))
 

@@ -6,12 +6,15 @@ Users never see this: public functions take and return pymatgen ``Structure``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from pymatgen.core import Lattice, Structure
 
 from xtalsolve.errors import XtalsolveError
+
+if TYPE_CHECKING:  # imported where structures are converted, so that training runs without pymatgen
+    from pymatgen.core import Structure
 
 
 def ragged_slots(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,6 +71,8 @@ class CrystalBatch:
     @classmethod
     def from_structures(cls, structures, dtype=torch.float64, device=None) -> CrystalBatch:
         """Pad a list of pymatgen Structures (ordered or disordered) into one batch."""
+        from pymatgen.core import Structure
+
         structures = [structures] if isinstance(structures, Structure) else list(structures)
         if not structures:
             raise XtalsolveError("no structures given")
@@ -100,6 +105,8 @@ class CrystalBatch:
 
     def to_structures(self) -> list[Structure]:
         """Back to pymatgen (ordered sites; a partial occupancy becomes a disordered site)."""
+        from pymatgen.core import Lattice, Structure
+
         out = []
         lattice = self.lattice.detach().cpu().double().numpy()
         frac = self.frac.detach().cpu().double().numpy()

@@ -20,15 +20,17 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
-from pymatgen.core import DummySpecies, Element, Lattice, Structure
-from pymatgen.io.cif import CifParser
 
 from xtalsolve.crystal import CrystalBatch
 from xtalsolve.errors import XtalsolveError
+
+if TYPE_CHECKING:  # pymatgen is imported where structures are parsed or built, so that training runs without it
+    from pymatgen.core import Structure
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,9 @@ class StructureSet:
 
 def _parse_cif(text: str) -> tuple[Structure | None, str | None]:
     """(structure, None) or (None, problem); the stored cell as written (no primitive reduction)."""
+    from pymatgen.core import DummySpecies
+    from pymatgen.io.cif import CifParser
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pymatgen's "rounded to ideal values" etc.
@@ -334,6 +339,8 @@ class StructureTensors:
 
     def structure(self, i: int) -> Structure:
         """Crystal i as a pymatgen Structure (coordinates exactly as stored)."""
+        from pymatgen.core import Element, Lattice, Structure
+
         i = int(self._indices(i)[0])
         lo, hi = self.offsets[i], self.offsets[i + 1]
         species, coords = [], []

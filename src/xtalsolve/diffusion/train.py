@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ class TrainConfig:
     run_dir: str = "runs/diffusion"
     protocol: str = "mp20"
     limit: int | None = None  # first N structures of the training pool (None: all)
+    data_dir: str | None = None  # pre-parsed train.npz / val.npz of :func:`export_training_data` (machines without the shared data)
     max_atoms: int | None = 20
     val_limit: int | None = 256
     val_fraction: float = 0.075  # pxrdnet protocol: held-out share of the pool
@@ -59,6 +61,8 @@ class TrainConfig:
     val_batches: int = 4
     threads: int = 2
     device: str = "cpu"  # "cpu", "cuda" or "auto"; patterns are always simulated on the CPU
+    loader_workers: int = 0  # processes simulating the next steps' patterns beside the network (0: in line)
+    time_limit_s: float | None = None  # stop (validated and checkpointed, resumable) after this wall time
     model: dict = field(default_factory=dict)
     augment: dict = field(default_factory=dict)
 
@@ -124,18 +128,66 @@ def ordered_only(tensors, max_atoms: int | None = None):
     return tensors.subset(np.flatnonzero(keep))
 
 
-def training_data(config: TrainConfig):
-    """(train, validation) StructureTensors under the config's protocol (data README section 3)."""
+def _pools(config: TrainConfig):
+    """(train, validation) pools of the config's protocol (data README section 3)."""
     from xtalsolve.data import training_pool, validation_set
 
     pool = training_pool(config.protocol, max_atoms=config.max_atoms)
     if config.protocol == "mp20":
-        train_pool, val_pool = pool, validation_set("mp20")
-    else:
-        train_pool, val_pool = pool.split(config.val_fraction, seed=config.seed)
+        return pool, validation_set("mp20")
+    return pool.split(config.val_fraction, seed=config.seed)
+
+
+def training_data(config: TrainConfig):
+    """(train, validation) StructureTensors under the config's protocol (data README section 3); read from
+    ``config.data_dir`` when set (written by :func:`export_training_data` under the same protocol)."""
+    if config.data_dir is not None:
+        train, val = _exported(config)
+        return train.subset(np.arange(min(len(train), config.limit or len(train)))), val
+    train_pool, val_pool = _pools(config)
     train = ordered_only(train_pool.load(limit=config.limit), config.max_atoms)
     val = ordered_only(val_pool.load(limit=config.val_limit), config.max_atoms)
     return train, val
+
+
+def export_training_data(config: TrainConfig, folder: str | Path, workers: int = 1) -> dict:
+    """Parse the config's (train, validation) sets once and write them to ``folder`` (train.npz, val.npz,
+    data.json) for ``data_dir``: a training machine then needs neither the shared data nor pymatgen."""
+    train_pool, val_pool = _pools(config)
+    train = ordered_only(train_pool.load(workers=workers), config.max_atoms)
+    val = ordered_only(val_pool.load(limit=config.val_limit, workers=workers), config.max_atoms)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    train.save(folder / "train.npz")
+    val.save(folder / "val.npz")
+    meta = {**_export_key(config), "n_train": len(train), "n_val": len(val)}
+    (folder / "data.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def _exported(config: TrainConfig):
+    from xtalsolve.data.structures import StructureTensors
+
+    folder = Path(config.data_dir)
+    try:
+        meta = json.loads((folder / "data.json").read_text())
+        train, val = StructureTensors.load(folder / "train.npz"), StructureTensors.load(folder / "val.npz")
+    except (OSError, ValueError, KeyError) as err:
+        raise XtalsolveError(f"not an exported training-data folder ({err})", folder) from None
+    wanted = _export_key(config)
+    differ = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
+    if differ:
+        said = ", ".join(f"{k} {got!r} (config: {want!r})" for k, (got, want) in differ.items())
+        raise XtalsolveError(f"exported for other settings: {said}", folder)
+    return train, val
+
+
+def _export_key(config: TrainConfig) -> dict:
+    """The settings that decide an export's content (the pxrdnet split also depends on seed and fraction)."""
+    key = {"protocol": config.protocol, "max_atoms": config.max_atoms, "val_limit": config.val_limit}
+    if config.protocol == "pxrdnet":
+        key.update(seed=config.seed, val_fraction=config.val_fraction)
+    return key
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,12 +198,11 @@ def _generator(seed: int, stream: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + stream * 7_919 + step) % (2**63 - 1))
 
 
-def diffusion_loss(model: CrystalDiffusion, batch, generator: torch.Generator, p_uncond: float,
-                   augment: Augmentation, lattice_weight: float = 1.0) -> dict:
-    """Denoising score-matching loss of one CrystalBatch (float32, CPU): patterns simulated and augmented,
-    condition dropped with ``p_uncond``, one time per crystal for both fields. All random draws happen on the CPU
-    from ``generator`` (reproducible on any device); the network runs on the model's device."""
-    device = next(model.parameters()).device
+def loss_inputs(model, batch, generator: torch.Generator, p_uncond: float, augment: Augmentation) -> dict:
+    """Everything random of one training step, drawn on the CPU from ``generator``: the batch's augmented
+    patterns, the noised lattice and coordinates with their targets, and the condition dropout. ``model`` needs
+    only its (parameter-free) corruption processes ``lattice`` and ``torus``, so data-loader workers can run this
+    beside the network."""
     patterns, pmask, _ = training_patterns(batch, augment, generator)
     lattice, frac = canonical_cell(batch.lattice.double(), batch.frac.double())
     mask = batch.mask
@@ -161,15 +212,64 @@ def diffusion_loss(model: CrystalDiffusion, batch, generator: torch.Generator, p
     f_t, target = model.torus.add_noise(frac.float(), t, generator)
     f_t = f_t * mask[..., None]
     uncond = cfg_dropout(len(batch), p_uncond, generator)
-    on = lambda *xs: [x.to(device) for x in xs]
-    patterns, pmask, uncond, numbers, f_t, x_t, t, eps, target, mask = on(
-        patterns, pmask, uncond, batch.numbers, f_t, x_t, t, eps, target, mask)
-    cond = model.encoder(patterns, pmask, uncond)
-    eps_hat, score_hat = model(numbers, f_t, x_t, t, cond)
-    loss_lattice = ((eps_hat - eps) ** 2).mean()
-    m = mask[..., None].float()
-    loss_frac = (((score_hat - target) ** 2) * m).sum() / (3 * m.sum())
+    return {"patterns": patterns, "pmask": pmask, "uncond": uncond, "numbers": batch.numbers, "f_t": f_t,
+            "x_t": x_t, "t": t, "eps": eps, "target": target, "mask": mask}
+
+
+def network_loss(model: CrystalDiffusion, inputs: dict, lattice_weight: float = 1.0) -> dict:
+    """Denoising score-matching loss of :func:`loss_inputs` on the model's device: MSE of the lattice noise
+    plus MSE of the normalised torus score over the real (unpadded) atoms."""
+    device = next(model.parameters()).device
+    x = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    cond = model.encoder(x["patterns"], x["pmask"], x["uncond"])
+    eps_hat, score_hat = model(x["numbers"], x["f_t"], x["x_t"], x["t"], cond)
+    loss_lattice = ((eps_hat - x["eps"]) ** 2).mean()
+    m = x["mask"][..., None].float()
+    loss_frac = (((score_hat - x["target"]) ** 2) * m).sum() / (3 * m.sum())
     return {"loss": lattice_weight * loss_lattice + loss_frac, "loss_lattice": loss_lattice, "loss_frac": loss_frac}
+
+
+def diffusion_loss(model: CrystalDiffusion, batch, generator: torch.Generator, p_uncond: float,
+                   augment: Augmentation, lattice_weight: float = 1.0) -> dict:
+    """Denoising score-matching loss of one CrystalBatch (float32, CPU): patterns simulated and augmented,
+    condition dropped with ``p_uncond``, one time per crystal for both fields. All random draws happen on the CPU
+    from ``generator`` (reproducible on any device); the network runs on the model's device."""
+    return network_loss(model, loss_inputs(model, batch, generator, p_uncond, augment), lattice_weight)
+
+
+class _StepInputs(torch.utils.data.Dataset):
+    """The loss inputs of training steps ``first, first + 1, ...``, each a pure function of (seed, step), so
+    that data-loader workers simulate patterns in parallel without changing what any step sees."""
+
+    def __init__(self, config: TrainConfig, train_set, processes, augment: Augmentation, first: int):
+        self.config, self.train_set, self.processes, self.augment, self.first = config, train_set, processes, augment, first
+
+    def __len__(self) -> int:
+        return max(self.config.steps - self.first, 0)
+
+    def __getitem__(self, k: int) -> dict:
+        step = self.first + k
+        rows = _batch_rows(self.config, len(self.train_set), step)
+        batch = self.train_set.batch(rows, dtype=torch.float32)
+        return loss_inputs(self.processes, batch, _generator(self.config.seed, 0, step), self.config.p_uncond,
+                           self.augment)
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _step_inputs(config: TrainConfig, train_set, model: CrystalDiffusion, augment: Augmentation, first: int,
+                 pin: bool):
+    """Iterator over the loss inputs of steps ``first`` ... ``config.steps - 1`` (``config.loader_workers``
+    processes ahead of the network; in line when 0)."""
+    processes = SimpleNamespace(lattice=model.lattice, torus=model.torus)
+    workers = max(int(config.loader_workers), 0)
+    loader = torch.utils.data.DataLoader(
+        _StepInputs(config, train_set, processes, augment, first), batch_size=None, shuffle=False,
+        num_workers=workers, worker_init_fn=_one_thread if workers else None, prefetch_factor=4 if workers else None,
+        pin_memory=pin, persistent_workers=False)
+    return iter(loader)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,18 +337,22 @@ def _batch_rows(config: TrainConfig, n: int, step: int) -> np.ndarray:
     return order[k * config.batch_size : (k + 1) * config.batch_size]
 
 
-@torch.no_grad()
-def validation_loss(model, val, config: TrainConfig, augment: Augmentation) -> float:
-    """Mean loss over the first ``val_batches`` batches of the validation set, with fixed noise (comparable
-    across steps and runs)."""
-    values = []
+def validation_inputs(model, val, config: TrainConfig, augment: Augmentation) -> list[dict]:
+    """Loss inputs of the first ``val_batches`` batches of the validation set, with fixed noise (so that the
+    validation loss compares across steps and runs; drawn once per run)."""
+    out = []
     for j in range(config.val_batches):
         rows = np.arange(j * config.batch_size, min((j + 1) * config.batch_size, len(val)))
         if len(rows) == 0:
             break
-        out = diffusion_loss(model, val.batch(rows, dtype=torch.float32), _generator(config.seed, 1, j), 0.0,
-                             augment, config.lattice_weight)
-        values.append(float(out["loss"]))
+        out.append(loss_inputs(model, val.batch(rows, dtype=torch.float32), _generator(config.seed, 1, j), 0.0, augment))
+    return out
+
+
+@torch.no_grad()
+def validation_loss(model, inputs: list[dict], lattice_weight: float = 1.0) -> float:
+    """Mean loss over :func:`validation_inputs`."""
+    values = [float(network_loss(model, x, lattice_weight)["loss"]) for x in inputs]
     return float(np.mean(values)) if values else float("nan")
 
 
@@ -271,6 +375,9 @@ def train(config: TrainConfig, data=None, progress: bool = True, log=print) -> d
 
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
+    if device.type == "cuda":  # TF32 matrix products: ~8x the FP32 rate, ample for a denoising loss
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(config.seed)  # parameter initialisation
     model = CrystalDiffusion(config.model_config()).to(device)
     ema = CrystalDiffusion(config.model_config()).to(device)
@@ -302,9 +409,11 @@ def train(config: TrainConfig, data=None, progress: bool = True, log=print) -> d
         for old in sorted((run_dir / "checkpoints").glob("step_*.pt"))[: -max(config.keep_checkpoints, 1)]:
             old.unlink()
 
+    val_inputs = validation_inputs(model, val_set, config, augment)
+
     def validate() -> None:
         nonlocal best_val
-        value = validation_loss(ema, val_set, config, augment) if len(val_set) else float("nan")
+        value = validation_loss(ema, val_inputs, config.lattice_weight)
         write({"step": step, "val_loss": value})
         if value < best_val:
             best_val = value
@@ -312,20 +421,18 @@ def train(config: TrainConfig, data=None, progress: bool = True, log=print) -> d
                    "config": asdict(config), "versions": _versions(), "best_val": best_val,
                    "n_train": len(train_set), "n_val": len(val_set)}, run_dir / "best.pt")
 
-    started, first_step = time.perf_counter(), step
+    started, first_step, stopped = time.perf_counter(), step, None
     bar = _progress(progress, config.steps, step)
+    inputs = _step_inputs(config, train_set, model, augment, step, pin=device.type == "cuda")
     try:
         if step == 0:
             validate()
         model.train()
         while step < config.steps:
-            rows = _batch_rows(config, len(train_set), step)
-            batch = train_set.batch(rows, dtype=torch.float32)
             lr = _lr(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            out = diffusion_loss(model, batch, _generator(config.seed, 0, step), config.p_uncond, augment,
-                                 config.lattice_weight)
+            out = network_loss(model, next(inputs), config.lattice_weight)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -338,18 +445,24 @@ def train(config: TrainConfig, data=None, progress: bool = True, log=print) -> d
             write({"step": step, "lr": lr, "grad_norm": float(grad_norm), **{k: float(v.detach()) for k, v in out.items()}})
             if bar is not None:
                 bar[0].update(bar[1], completed=step, description=f"loss {float(out['loss']):.3f}")
-            if step % config.val_every == 0 or step == config.steps:
+            over_time = config.time_limit_s is not None and time.perf_counter() - started > config.time_limit_s
+            if step % config.val_every == 0 or step == config.steps or over_time:
                 validate()
-            if step % config.checkpoint_every == 0 or step == config.steps:
+            if step % config.checkpoint_every == 0 or step == config.steps or over_time:
                 checkpoint()
+            if over_time and step < config.steps:
+                stopped = f"time limit {config.time_limit_s:g} s"
+                log(f"stopped at step {step} of {config.steps}: {stopped} (resume with the same command)")
+                break
     finally:
+        del inputs  # shuts the loader's workers down
         log_file.close()
         if bar is not None:
             bar[0].stop()
     elapsed = time.perf_counter() - started
     rate = (step - first_step) / elapsed if elapsed > 0 and step > first_step else float("nan")
     return {"step": step, "best_val": best_val, "run_dir": str(run_dir), "steps_per_s": rate, "device": str(device),
-            "n_train": len(train_set), "n_val": len(val_set)}
+            "n_train": len(train_set), "n_val": len(val_set), "stopped": stopped}
 
 
 def _progress(enabled: bool, total: int, done: int):

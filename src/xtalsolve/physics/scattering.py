@@ -21,7 +21,6 @@ from importlib import resources
 
 import numpy as np
 import torch
-from pymatgen.core import Element
 
 from xtalsolve.errors import XtalsolveError
 
@@ -45,6 +44,7 @@ def _waasmaier_kirfel() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @lru_cache(maxsize=None)
 def _pymatgen_mott_bethe() -> tuple[np.ndarray, np.ndarray]:
     from pymatgen.analysis.diffraction.xrd import ATOMIC_SCATTERING_PARAMS
+    from pymatgen.core import Element
 
     coeff = np.zeros((MAX_Z + 1, 4, 2))
     for symbol, value in ATOMIC_SCATTERING_PARAMS.items():
@@ -59,6 +59,7 @@ def _neutron_lengths_fm() -> np.ndarray:
     import os
 
     import pymatgen.analysis.diffraction.neutron as neutron
+    from pymatgen.core import Element
 
     with open(os.path.join(os.path.dirname(neutron.__file__), "neutron_scattering_length.json")) as fh:
         table = json.load(fh)
@@ -83,6 +84,8 @@ def check_elements(numbers, radiation: str = "xray", source: str | None = None) 
     if radiation == "neutron":
         bad = np.concatenate([bad, [z for z in numbers if z <= MAX_Z and np.isnan(_neutron_lengths_fm()[z])]])
     if len(bad):
+        from pymatgen.core import Element
+
         names = ", ".join(Element.from_Z(int(z)).symbol for z in bad)
         raise XtalsolveError(f"no {radiation} scattering data for {names}", source)
 
