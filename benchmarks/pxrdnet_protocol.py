@@ -77,7 +77,7 @@ def readable(path: Path):
 def main() -> None:
     from xtalsolve.physics.powder import CRYSTALLITE_SHAPES
     from xtalsolve.prototypes import LIBRARIES
-    from xtalsolve.solve import FIT_STRUCTURE, RANK_BY, SolveSettings
+    from xtalsolve.solve import FILLS, FIT_STRUCTURE, RANK_BY, SolveSettings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -118,6 +118,9 @@ def main() -> None:
                         help="prototype arm without re-decorated frameworks (ablation)")
     parser.add_argument("--library", choices=tuple(LIBRARIES), default=None,
                         help="prototype library (default: the protocol's, extended for pxrdnet, mp20 otherwise)")
+    parser.add_argument("--fill", choices=FILLS, default="symmetric",
+                        help="prototype arm: candidates once the library runs out (diffusion and both use "
+                             "--checkpoint, guided)")
     parser.add_argument("--set", choices=("pxrdnet", "mp20", "mp20_val"), default="pxrdnet",
                         help="pxrdnet: the first --n benchmark ids; mp20: a random --n of mp20_test, seeded by "
                              "--seed (the MP-20 protocol; use --candidates 20 for @20), results mp20_protocol*; "
@@ -134,7 +137,7 @@ def main() -> None:
     from xtalsolve.data.structures import Pool
     from xtalsolve.metrics import TOLERANCES, match
     from xtalsolve.pattern import Pattern
-    from xtalsolve.solve import diffusion_generator, mixed_generator, solve
+    from xtalsolve.solve import diffusion_generator, make_generator, mixed_generator, solve
     from xtalsolve.prototypes import prototype_generator
     from xtalsolve.symmetric import symmetric_generator
 
@@ -171,7 +174,10 @@ def main() -> None:
                 if arm == "symmetric":
                     generate = symmetric_generator()
                 elif arm == "prototype":
-                    generate = prototype_generator(library_name=args.library, redecorate=not args.no_redecorate)
+                    fill = None if args.fill == "symmetric" else make_generator(
+                        args.fill, args.checkpoint, pattern, args.steps, size_hint_A=size)
+                    generate = prototype_generator(fill=fill, library_name=args.library,
+                                                   redecorate=not args.no_redecorate)
                 else:
                     generate = diffusion_generator(args.checkpoint, pattern, args.steps, guided="guided" in arm,
                                                    cfg_scale=0.0 if arm == "prior" else 1.0, size_hint_A=size)

@@ -575,7 +575,7 @@ def solve(
     formula: Annotated[str, typer.Option("--formula", help="Chemical formula, e.g. TiO2 (Z is found from the data).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (resumes a killed run).")],
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Trained diffusion model (default: the "
-                                                       "shipped small_cpu_mp20.pt).")] = None,
+                                                       "shipped gpu_mp20.pt).")] = None,
     wavelength: WavelengthOpt = None,
     radiation: RadiationOpt = None,
     x_unit: XUnitOpt = None,
@@ -590,6 +590,8 @@ def solve(
                                            "symmetric crystals; measured best), symmetric (random crystals in "
                                            "space groups drawn from the training prior), diffusion (the guided "
                                            "model) or both (half diffusion, half symmetric).")] = "prototype",
+    fill: Annotated[str, typer.Option("--fill", help="What the prototype generator draws once its library runs "
+                                      "out for a cell: symmetric, diffusion (the guided model) or both.")] = "symmetric",
     rank_by: Annotated[str, typer.Option("--rank-by", help="Order of the refined candidates: rwp (Rietveld), fit "
                                          "(the restrained fit every candidate gets: fixed instrument, size and "
                                          "displacement), both (the geometric mean of the two) or auto (fit for "
@@ -628,14 +630,15 @@ def solve(
         data = dataclasses.replace(data, max_pool=max_pool)
     _solve_and_report(data, formula, out, checkpoint, samples=samples, seed=seed, size_hint=size_hint, natoms=natoms,
                       steps=steps, guided=not no_guidance, generator=generator, rank_by=rank_by, shape=shape,
-                      library=library, fit_structure=fit_structure, restarts=restarts, refine=refine, scan=scan)
+                      library=library, fit_structure=fit_structure, restarts=restarts, refine=refine, scan=scan,
+                      fill=fill)
 
 
 def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *, samples: int, seed: int,
                       size_hint: float | None, natoms: int | None, steps: int, guided: bool,
                       generator: str = "prototype", rank_by: str = "auto", shape: str = "lorentzian",
                       library: str = "extended", fit_structure: str = "auto", restarts: int = 3,
-                      refine: int = 3, scan: int = 4) -> dict:
+                      refine: int = 3, scan: int = 4, fill: str = "symmetric") -> dict:
     """Run the solver on a loaded pattern with a progress log on stderr and a one-line result on stdout."""
     import torch
     from rich.console import Console
@@ -647,7 +650,7 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
     if samples < 1:
         raise XtalsolveError("must be at least 1", "--samples")
     checkpoint = checkpoint or shipped_checkpoint()
-    if generator in ("diffusion", "both") and not checkpoint.is_file():  # the model is needed
+    if (generator in ("diffusion", "both") or fill != "symmetric") and not checkpoint.is_file():  # the model is needed
         raise XtalsolveError("no such checkpoint (train one with `xtalsolve train --config configs/small_cpu.json`)",
                              checkpoint)
     settings = SolveSettings(samples=samples, seed=seed, natoms=natoms, size_hint_A=size_hint, rank_by=rank_by,
@@ -655,7 +658,8 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
                              restarts=restarts, refine_top=refine, scan_top=scan)  # bad values fail here
     check_library(library)
     torch.set_num_threads(1)  # small batches: one thread is as fast and leaves the other cores free
-    generate = make_generator(generator, checkpoint, data, steps, guided, size_hint_A=size_hint, library=library)
+    generate = make_generator(generator, checkpoint, data, steps, guided, size_hint_A=size_hint, library=library,
+                              fill=fill)
     console = Console(stderr=True)
     summary = run_solve(data, formula, generate, out, settings, progress=lambda m: console.log(m))
     best = summary["candidates"][0]

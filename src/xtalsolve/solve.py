@@ -179,7 +179,7 @@ def shipped_checkpoint() -> Path:
     model card README.md)."""
     from importlib import resources
 
-    return Path(str(resources.files("xtalsolve.resources").joinpath("models/small_cpu_mp20.pt")))
+    return Path(str(resources.files("xtalsolve.resources").joinpath("models/gpu_mp20.pt")))
 
 
 def diffusion_generator(checkpoint: str | Path, pattern: Pattern, n_steps: int = 100, guided: bool = True,
@@ -229,23 +229,28 @@ def mixed_generator(parts: Sequence[tuple[Generator, float]]) -> Generator:
 
 
 GENERATORS = ("prototype", "symmetric", "diffusion", "both")
+FILLS = ("symmetric", "diffusion", "both")  # what the prototype generator draws once its library runs out
 
 
 def make_generator(kind: str, checkpoint: str | Path, pattern: Pattern, n_steps: int = 100, guided: bool = True,
-                   size_hint_A: float | None = None, library: str = DEFAULT_LIBRARY) -> Generator:
+                   size_hint_A: float | None = None, library: str = DEFAULT_LIBRARY, fill: str = "symmetric"
+                   ) -> Generator:
     """The solver's candidate source by name: "prototype" (structure types of training crystals in the prototype
-    ``library`` with the elements substituted, then random symmetric crystals once the library runs out),
-    "diffusion" (the guided model), "symmetric" (random crystals in space groups drawn from the training prior)
-    or "both" (half diffusion, half symmetric)."""
+    ``library`` with the elements substituted, then, once the library runs out for a cell, candidates of the
+    ``fill`` kind), "diffusion" (the guided model), "symmetric" (random crystals in space groups drawn from the
+    training prior) or "both" (half diffusion, half symmetric)."""
     from xtalsolve.prototypes import prototype_generator
     from xtalsolve.symmetric import symmetric_generator
 
     if kind not in GENERATORS:
         raise XtalsolveError(f"unknown generator {kind!r}; choose from {', '.join(GENERATORS)}", "--generator")
+    if fill not in FILLS:
+        raise XtalsolveError(f"unknown fill {fill!r}; choose from {', '.join(FILLS)}", "--fill")
     if kind == "symmetric":
         return symmetric_generator()
     if kind == "prototype":
-        return prototype_generator(library_name=library)
+        return prototype_generator(library_name=library, fill=None if fill == "symmetric" else
+                                   make_generator(fill, checkpoint, pattern, n_steps, guided, size_hint_A))
     model = diffusion_generator(checkpoint, pattern, n_steps, guided, size_hint_A=size_hint_A)
     return model if kind == "diffusion" else mixed_generator([(model, 0.5), (symmetric_generator(), 0.5)])
 
