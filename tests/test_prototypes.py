@@ -104,15 +104,21 @@ def test_unknown_or_broken_library_is_refused_in_one_line(tmp_path):
         library(str(broken))
 
 
-def test_a_library_file_of_ones_own_is_used(tmp_path):
+def cscl_library(folder) -> str:
     """A library written as tools/build_prototype_library.py writes it: one CsCl type from one crystal."""
-    own = tmp_path / "own.json.gz"
+    own = folder / "own.json.gz"
     entry = {"space_group": 221, "roles": [[1, "a"], [1, "b"]], "n_atoms": 2, "count": 1, "members": [["Cs", "Cl"]],
              "representatives": [{"lattice": np.diag([4.12] * 3).tolist(), "frac": [[0, 0, 0], [0.5, 0.5, 0.5]],
                                   "roles": [0, 1], "elements": ["Cs", "Cl"], "id": "my-1"}]}
     with gzip.open(own, "wt") as handle:
         json.dump({"source": "test", "n_structures": 1, "types": [entry]}, handle)
-    drawn = prototype_generator(library_name=str(own))(Composition("TlBr"), 1, seed=0)
+    return str(own)
+
+
+def test_a_library_file_of_ones_own_is_used(tmp_path):
+    """A library of one's own (one CsCl type) is read and substituted."""
+    own = cscl_library(tmp_path)
+    drawn = prototype_generator(library_name=own)(Composition("TlBr"), 1, seed=0)
     assert StructureMatcher().fit(drawn[0], Structure(Lattice.cubic(4.0), ["Tl", "Br"], [[0, 0, 0], [0.5] * 3]))
     assert "221" in drawn[0].properties["origin"] and "CsCl my-1" in drawn[0].properties["origin"]
 
@@ -122,19 +128,14 @@ def test_the_prototype_generator_fills_with_the_guided_model_once_its_library_ru
     (the shipped diffusion model, guided by the pattern), each with its origin; an unknown fill is refused."""
     from xtalsolve.solve import make_generator, shipped_checkpoint
 
-    own = tmp_path / "own.json.gz"
-    entry = {"space_group": 221, "roles": [[1, "a"], [1, "b"]], "n_atoms": 2, "count": 1, "members": [["Cs", "Cl"]],
-             "representatives": [{"lattice": np.diag([4.12] * 3).tolist(), "frac": [[0, 0, 0], [0.5, 0.5, 0.5]],
-                                  "roles": [0, 1], "elements": ["Cs", "Cl"], "id": "my-1"}]}
-    with gzip.open(own, "wt") as handle:
-        json.dump({"source": "test", "n_structures": 1, "types": [entry]}, handle)
+    own = cscl_library(tmp_path)
     truth = Structure(Lattice.cubic(4.0), ["Tl", "Br"], [[0, 0, 0], [0.5] * 3])
     grid, unit = make_grid((20.0, 80.0, 0.05))
     y = simulate_powder([truth], instrument=Instrument(wavelength=1.5406, w=0.003), two_theta=(20, 80, 0.05),
                         size=200.0)[0]
     pattern = Pattern(grid, y, np.sqrt(np.maximum(y, 1.0)), unit, 1.5406, "tlbr-simulated")
     for fill, origin in (("diffusion", "diffusion model with data guidance"), ("symmetric", None)):
-        generate = make_generator("prototype", shipped_checkpoint(), pattern, n_steps=4, library=str(own), fill=fill)
+        generate = make_generator("prototype", shipped_checkpoint(), pattern, n_steps=4, library=own, fill=fill)
         drawn = generate(Composition("TlBr"), 3, seed=0)
         assert len(drawn) == 3 and all(s.composition == Composition("TlBr") for s in drawn)
         assert "CsCl my-1" in drawn[0].properties["origin"]
