@@ -417,9 +417,10 @@ def train(config: TrainConfig, data=None, progress: bool = True, log=print) -> d
         write({"step": step, "val_loss": value})
         if value < best_val:
             best_val = value
-            _save({"format": CHECKPOINT_FORMAT, "step": step, "ema": ema.state_dict(),
-                   "config": asdict(config), "versions": _versions(), "best_val": best_val,
-                   "n_train": len(train_set), "n_val": len(val_set)}, run_dir / "best.pt")
+            weights = {k: v.cpu() for k, v in ema.state_dict().items()}  # readable on a machine without the GPU
+            _save({"format": CHECKPOINT_FORMAT, "step": step, "ema": weights, "config": asdict(config),
+                   "versions": _versions(), "best_val": best_val, "n_train": len(train_set), "n_val": len(val_set)},
+                  run_dir / "best.pt")
 
     started, first_step, stopped = time.perf_counter(), step, None
     bar = _progress(progress, config.steps, step)
