@@ -402,8 +402,9 @@ train_set = st.StructureTensors.load(folder + "/train.npz")
 patterns, pmask, _ = au.training_patterns(train_set.batch(np.arange(4), dtype=torch.float32), au.Augmentation(),
                                           torch.Generator().manual_seed(11))
 np.save(run_dir + "_patterns.npy", patterns.numpy())
-config = tr.config_from_dict({"data_dir": folder, "run_dir": run_dir, "max_atoms": 8, "val_limit": 5, "steps": 2, "batch_size": 4,
-                              "val_batches": 1, "threads": 1, "warmup": 1, "model": json.loads(sys.argv[3])})
+config = tr.config_from_dict({"data_dir": folder, "run_dir": run_dir, "max_atoms": 8, "val_limit": 5,
+                              "steps": 2, "batch_size": 4, "val_batches": 1, "threads": 1, "warmup": 1,
+                              "model": json.loads(sys.argv[3])})
 summary = tr.train(config, progress=False, log=lambda s: None)
 print(json.dumps({"step": summary["step"], "pymatgen": sorted(m for m in sys.modules if m.startswith("pymatgen"))}))
 """
@@ -433,8 +434,9 @@ def test_train_command_time_limit_stops_and_the_same_command_resumes(tmp_path, m
     folder = tmp_path / "export"
     _export_toy(monkeypatch, folder)
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "max_atoms": 8, "val_limit": 5, "steps": 50, "batch_size": 4,
-                                  "val_batches": 1, "threads": 1, "warmup": 1, "model": TINY}))
+    config.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "max_atoms": 8, "val_limit": 5,
+                                  "steps": 50, "batch_size": 4, "val_batches": 1, "threads": 1,
+                                  "warmup": 1, "model": TINY}))
     command = [sys.executable, "-m", "xtalsolve.cli", "train", "--config", str(config), "--data-dir", str(folder),
                "--time-limit", "0", "--no-progress"]
     for expected in (1, 2):

@@ -591,7 +591,8 @@ def solve(
                                            "space groups drawn from the training prior), diffusion (the guided "
                                            "model) or both (half diffusion, half symmetric).")] = "prototype",
     fill: Annotated[str, typer.Option("--fill", help="What the prototype generator draws once its library runs "
-                                      "out for a cell: symmetric, diffusion (the guided model) or both.")] = "symmetric",
+                                      "out for a cell: symmetric, diffusion (the guided model) or "
+                                      "both.")] = "symmetric",
     rank_by: Annotated[str, typer.Option("--rank-by", help="Order of the refined candidates: rwp (Rietveld), fit "
                                          "(the restrained fit every candidate gets: fixed instrument, size and "
                                          "displacement), both (the geometric mean of the two) or auto (fit for "

@@ -41,7 +41,7 @@ class TrainConfig:
     run_dir: str = "runs/diffusion"
     protocol: str = "mp20"
     limit: int | None = None  # first N structures of the training pool (None: all)
-    data_dir: str | None = None  # pre-parsed train.npz / val.npz of :func:`export_training_data` (machines without the shared data)
+    data_dir: str | None = None  # train.npz / val.npz of :func:`export_training_data` (no shared data needed)
     max_atoms: int | None = 20
     val_limit: int | None = 256
     val_fraction: float = 0.075  # pxrdnet protocol: held-out share of the pool
@@ -242,7 +242,8 @@ class _StepInputs(torch.utils.data.Dataset):
     that data-loader workers simulate patterns in parallel without changing what any step sees."""
 
     def __init__(self, config: TrainConfig, train_set, processes, augment: Augmentation, first: int):
-        self.config, self.train_set, self.processes, self.augment, self.first = config, train_set, processes, augment, first
+        self.config, self.train_set, self.processes = config, train_set, processes
+        self.augment, self.first = augment, first
 
     def __len__(self) -> int:
         return max(self.config.steps - self.first, 0)
@@ -345,7 +346,8 @@ def validation_inputs(model, val, config: TrainConfig, augment: Augmentation) ->
         rows = np.arange(j * config.batch_size, min((j + 1) * config.batch_size, len(val)))
         if len(rows) == 0:
             break
-        out.append(loss_inputs(model, val.batch(rows, dtype=torch.float32), _generator(config.seed, 1, j), 0.0, augment))
+        batch = val.batch(rows, dtype=torch.float32)
+        out.append(loss_inputs(model, batch, _generator(config.seed, 1, j), 0.0, augment))
     return out
 
 
