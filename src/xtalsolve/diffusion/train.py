@@ -144,18 +144,21 @@ def training_data(config: TrainConfig):
     if config.data_dir is not None:
         train, val = _exported(config)
         return train.subset(np.arange(min(len(train), config.limit or len(train)))), val
+    return _parsed(config, limit=config.limit)
+
+
+def _parsed(config: TrainConfig, limit: int | None = None, workers: int = 1):
+    """(train, validation) parsed from the protocol's pools: ordered crystals of at most ``max_atoms``."""
     train_pool, val_pool = _pools(config)
-    train = ordered_only(train_pool.load(limit=config.limit), config.max_atoms)
-    val = ordered_only(val_pool.load(limit=config.val_limit), config.max_atoms)
+    train = ordered_only(train_pool.load(limit=limit, workers=workers), config.max_atoms)
+    val = ordered_only(val_pool.load(limit=config.val_limit, workers=workers), config.max_atoms)
     return train, val
 
 
 def export_training_data(config: TrainConfig, folder: str | Path, workers: int = 1) -> dict:
     """Parse the config's (train, validation) sets once and write them to ``folder`` (train.npz, val.npz,
     data.json) for ``data_dir``: a training machine then needs neither the shared data nor pymatgen."""
-    train_pool, val_pool = _pools(config)
-    train = ordered_only(train_pool.load(workers=workers), config.max_atoms)
-    val = ordered_only(val_pool.load(limit=config.val_limit, workers=workers), config.max_atoms)
+    train, val = _parsed(config, workers=workers)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     train.save(folder / "train.npz")
@@ -227,14 +230,6 @@ def network_loss(model: CrystalDiffusion, inputs: dict, lattice_weight: float = 
     m = x["mask"][..., None].float()
     loss_frac = (((score_hat - x["target"]) ** 2) * m).sum() / (3 * m.sum())
     return {"loss": lattice_weight * loss_lattice + loss_frac, "loss_lattice": loss_lattice, "loss_frac": loss_frac}
-
-
-def diffusion_loss(model: CrystalDiffusion, batch, generator: torch.Generator, p_uncond: float,
-                   augment: Augmentation, lattice_weight: float = 1.0) -> dict:
-    """Denoising score-matching loss of one CrystalBatch (float32, CPU): patterns simulated and augmented,
-    condition dropped with ``p_uncond``, one time per crystal for both fields. All random draws happen on the CPU
-    from ``generator`` (reproducible on any device); the network runs on the model's device."""
-    return network_loss(model, loss_inputs(model, batch, generator, p_uncond, augment), lattice_weight)
 
 
 class _StepInputs(torch.utils.data.Dataset):
@@ -368,9 +363,10 @@ def train(config: TrainConfig, data=None, progress: bool = True, log=print) -> d
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(int(config.threads), 1))
-    train_set, val_set = training_data(config) if data is None else data
-    train_set = ordered_only(train_set, config.max_atoms)
-    val_set = ordered_only(val_set, config.max_atoms)
+    if data is None:  # already filtered
+        train_set, val_set = training_data(config)
+    else:
+        train_set, val_set = (ordered_only(part, config.max_atoms) for part in data)
     if len(train_set) == 0:
         raise XtalsolveError("no training structures left after filtering", "config")
     augment = config.augmentation()
