@@ -2,7 +2,8 @@
 
     python benchmarks/pxrdnet_protocol.py --checkpoint runs/full_gpu/best.pt [--n 200] [--size 10 100]
         [--set pxrdnet|mp20]
-        [--candidates 10] [--arms prior conditioned guided symmetric guided+symmetric prototype] [--steps 200]
+        [--candidates 10] [--arms prior conditioned guided symmetric guided+symmetric prototype prototype+guided]
+        [--steps 200]
 
 Materials: the first --n ids of ../shared/data/benchmarks/pxrdnet_test_ids.txt, structures as PXRDnet stored them.
 Patterns simulated the way PXRDnet did (research/pxrd-anchors.md): Cu Kalpha, conventional standard cell, stick
@@ -17,7 +18,8 @@ edge; lorentzian is the solver's default for measured data) as a user tells it t
 diffusion model unconditioned (prior),
 conditioned on the pattern, conditioned and guided by it; random symmetric crystals alone (symmetric: no model);
 half guided diffusion, half symmetric (guided+symmetric); structure types of the training pool with the elements
-substituted, then symmetric crystals (prototype, the default of `xtalsolve solve`). The prototype library follows
+substituted, then symmetric crystals (prototype, the default of `xtalsolve solve`); half library, half guided
+diffusion (prototype+guided, `xtalsolve solve --generator prototype+diffusion`). The prototype library follows
 the protocol (--library): for --set pxrdnet the "extended" one, the types of the PXRDnet protocol's training pool
 (no benchmark id nor any listed duplicate); for --set mp20 and mp20_val the "mp20" one, from mp20_train alone
 (the extended library holds mp20_val and most of mp20_test and is refused there). Each arm draws --candidates structures, refines
@@ -37,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ARMS = ("prior", "conditioned", "guided", "symmetric", "guided+symmetric", "prototype")
+ARMS = ("prior", "conditioned", "guided", "symmetric", "guided+symmetric", "prototype", "prototype+guided")
 
 
 def pxrdnet_pattern(structure, size_A: float, rng: np.random.Generator, wavelength: float = 1.54184):
@@ -173,6 +175,9 @@ def main() -> None:
                 start = time.perf_counter()
                 if arm == "symmetric":
                     generate = symmetric_generator()
+                elif arm == "prototype+guided":  # the solver's prototype+diffusion generator
+                    generate = make_generator("prototype+diffusion", args.checkpoint, pattern, args.steps,
+                                              size_hint_A=size, library=args.library, fill=args.fill)
                 elif arm == "prototype":
                     fill = None if args.fill == "symmetric" else make_generator(
                         args.fill, args.checkpoint, pattern, args.steps, size_hint_A=size)
@@ -202,6 +207,9 @@ def main() -> None:
                 except Exception as err:  # noqa: BLE001 - a failed material is a miss, recorded with its reason
                     ranked, summary = [], {"error": str(err)}
                 record = {"id": material, "size_A": size, "arm": arm, "seconds": time.perf_counter() - start}
+                if summary.get("candidates"):  # what ranked first, and from which generator
+                    first_place = summary["candidates"][0]
+                    record |= {"rank1_rwp": first_place["rwp"], "rank1_origin": first_place.get("origin")}
                 for name in TOLERANCES:
                     results = [match(c, reference, name) for c in ranked]
                     record[f"{name}@1"] = bool(results and results[0].matched)

@@ -140,7 +140,8 @@ def main() -> None:
         "samples": args.samples, "steps": args.steps, "seed": args.seed, "generator": args.generator, "refine_top": args.refine_top,
         "leave_out_compound": args.leave_out_compound,
         "library": args.library if args.generator == "prototype" else None,
-        "checkpoint": None if args.generator in ("symmetric", "prototype") else "gpu_mp20.pt (shipped)",
+        "checkpoint": None if args.generator in ("symmetric", "prototype")
+        else f"{shipped_checkpoint().name} (shipped)",
         "cases": list(done.values()),
         "in_scope": int(sum(n <= MAX_ATOMS for n in sizes.values())),
         "run": len(runs),

@@ -287,6 +287,38 @@ def test_loader_workers_do_not_change_what_training_sees(tmp_path):
     _assert_same_weights(a["model"], b["model"])
 
 
+def test_patterns_simulated_in_line_on_the_device_are_the_loaders_on_a_cpu(tmp_path):
+    """simulate_on "device" draws each step from a generator of (seed, step) on the training device: on a CPU the
+    same stream as the loader's, so the same losses; a bad value is refused by name."""
+    data = (_tensors(toy_structures(24), "t"), _tensors(toy_structures(8, seed=1), "v"))
+    options = {"steps": 3, "batch_size": 8, "lr": 2e-3, "warmup": 1, "checkpoint_every": 100, "val_every": 100,
+               "val_batches": 1, "threads": 1, "model": TINY, "seed": 9}
+    _quiet_train({**options, "run_dir": str(tmp_path / "loader")}, data)
+    _quiet_train({**options, "run_dir": str(tmp_path / "device"), "simulate_on": "device"}, data)
+    losses = _training_losses(tmp_path / "loader")
+    assert sorted(losses) == [1, 2, 3] and _training_losses(tmp_path / "device") == losses
+    with pytest.raises(XtalsolveError, match="simulate_on"):
+        config_from_dict({**options, "simulate_on": "gpu"})
+
+
+def test_a_run_started_from_a_checkpoint_begins_at_its_weights(tmp_path):
+    """init_from: a new run (fresh optimiser and schedule) starts from another run's best EMA weights, so its
+    step-0 validation loss is that run's best; a checkpoint of another model configuration is refused."""
+    data = (_tensors(toy_structures(24), "t"), _tensors(toy_structures(8, seed=1), "v"))
+    options = {"steps": 8, "batch_size": 8, "lr": 2e-3, "warmup": 1, "checkpoint_every": 100, "val_every": 4,
+               "val_batches": 1, "threads": 1, "model": TINY, "seed": 11}
+    base = _quiet_train({**options, "run_dir": str(tmp_path / "base")}, data)
+    best = tmp_path / "base" / "best.pt"
+    tuned = _quiet_train({**options, "run_dir": str(tmp_path / "tuned"), "steps": 4, "init_from": str(best)}, data)
+    val = [r["val_loss"] for r in read_log(tmp_path / "tuned") if "val_loss" in r]
+    fresh = [r["val_loss"] for r in read_log(tmp_path / "base") if "val_loss" in r]
+    assert val[0] == pytest.approx(base["best_val"], rel=1e-6) and val[0] < fresh[0]
+    assert tuned["step"] == 4
+    other = {**TINY, "hidden": TINY["hidden"] * 2}
+    with pytest.raises(XtalsolveError, match="hidden"):
+        _quiet_train({**options, "run_dir": str(tmp_path / "bad"), "model": other, "init_from": str(best)}, data)
+
+
 def test_time_limit_stops_checkpointed_and_the_same_run_resumes_exactly(tmp_path):
     data = (_tensors(toy_structures(24), "t"), _tensors(toy_structures(8, seed=1), "v"))
     options = {"steps": 6, "batch_size": 8, "lr": 2e-3, "warmup": 1, "checkpoint_every": 100, "val_every": 100,

@@ -143,6 +143,11 @@ def test_the_prototype_generator_fills_with_the_guided_model_once_its_library_ru
         assert all(o == origin for o in fills) if origin else not any("diffusion" in o for o in fills)
     with pytest.raises(XtalsolveError, match="unknown fill"):
         make_generator("prototype", shipped_checkpoint(), pattern, fill="random")
+    # prototype+diffusion: half the draws from the library (its CsCl type, then its fill), half from the model
+    generate = make_generator("prototype+diffusion", shipped_checkpoint(), pattern, n_steps=4, library=own)
+    origins = [s.properties.get("origin", "") for s in generate(Composition("TlBr"), 4, seed=0)]
+    assert len(origins) == 4 and "CsCl my-1" in origins[0] and "diffusion" not in origins[1]
+    assert origins[2:] == ["diffusion model with data guidance"] * 2
 
 
 def test_ranked_substitutions_hold_the_composition_and_skip_equivalent_assignments():

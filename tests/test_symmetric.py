@@ -15,7 +15,7 @@ from xtalsolve.composition import predicted_volume
 from xtalsolve.crystal.batch import CrystalBatch
 from xtalsolve.errors import XtalsolveError
 from xtalsolve.polish import PolishSettings, SymmetryProjectors, _symmetric, free_parameters, polish, polish_batch
-from xtalsolve.solve import mixed_generator, parsimonious, pattern_loss
+from xtalsolve.solve import mixed_generator, parsimonious, pattern_loss, refinement_choice
 from xtalsolve.symmetric import centring, random_symmetric_structures, space_group_weights
 
 from prototypes import lab_pattern
@@ -97,17 +97,43 @@ def test_polish_keeps_a_symmetric_candidate_in_its_group_and_finds_the_cell():
     assert group_number(free.to_structures()[0], 1e-4) != 136
 
 
+def _labelled(label: str, seed: int, a: float = 4.0) -> Structure:
+    structure = Structure(Lattice.cubic(a), ["Na"], [[0, 0, 0]])
+    structure.properties.update(label=label, seed=seed)
+    return structure
+
+
 def test_mixed_generator_splits_draws_by_share_and_parsimony_prices_parameters():
     def constant(label):
-        return lambda cell, n, seed, skip=0: [(label, seed)] * n
+        return lambda cell, n, seed, skip=0: [_labelled(label, seed) for _ in range(n)]
 
     mixed = mixed_generator([(constant("a"), 0.5), (constant("b"), 0.5)])
-    drawn = mixed(Composition("NaCl"), 5, 10)
-    assert [d[0] for d in drawn] == ["a", "a", "a", "b", "b"]
-    assert {d[1] for d in drawn if d[0] == "a"} != {d[1] for d in drawn if d[0] == "b"}  # own seed streams
-    assert [d[0] for d in mixed_generator([(constant("a"), 1), (constant("b"), 3)])(None, 4, 0)] == ["a", "b", "b", "b"]
+    drawn = [d.properties for d in mixed(Composition("NaCl"), 5, 10)]
+    assert [d["label"] for d in drawn] == ["a", "a", "a", "b", "b"]
+    assert [d["part"] for d in drawn] == [0, 0, 0, 1, 1]  # each draw marked with its generator
+    assert {d["seed"] for d in drawn if d["label"] == "a"} != {d["seed"] for d in drawn if d["label"] == "b"}
+    labels = [d.properties["label"] for d in mixed_generator([(constant("a"), 1), (constant("b"), 3)])(None, 4, 0)]
+    assert labels == ["a", "b", "b", "b"]
     with pytest.raises(XtalsolveError):
         mixed_generator([(constant("a"), 0.0)])
     # bcc Ti found as an 8-atom C2/m cell fits a little better but pays for its 16 parameters
     assert parsimonious(0.0722, 1, 0.01) < parsimonious(0.0690, 16, 0.01)
     assert parsimonious(0.05, 0, 0.01) == 0.05
+
+
+def test_each_part_of_a_mixed_generator_has_its_best_candidate_refined():
+    """refinement_choice: the n best distinct screened candidates, plus the best distinct one of every generator
+    part that has none among them (a part's crystal already chosen from another part counts as represented)."""
+    elements = {4.0: "Na", 4.5: "K", 5.0: "Rb", 5.5: "Cs", 6.0: "Ba"}  # one crystal per cell edge
+
+    def record(a: float, part):
+        crystal = Structure(Lattice.cubic(a), [elements[a]], [[0, 0, 0]])
+        return {"screen_cif": crystal.to(fmt="cif"), "part": part, "a": a}
+
+    screened = [record(4.0, 0), record(4.0, 0), record(4.5, 0), record(5.0, 0), record(5.5, 1), record(6.0, 1)]
+    assert [r["a"] for r in refinement_choice(screened, 2)] == [4.0, 4.5, 5.5]  # part 1's best added
+    assert [r["a"] for r in refinement_choice(screened, 4)] == [4.0, 4.5, 5.0, 5.5]  # part 1 already in
+    same = [record(4.0, 0), record(4.5, 0), record(4.0, 1)]  # part 1's best is part 0's crystal: nothing added
+    assert [r["a"] for r in refinement_choice(same, 1)] == [4.0]
+    single = [record(4.0, None), record(4.5, None), record(5.0, None)]  # one generator: the n best only
+    assert [r["a"] for r in refinement_choice(single, 2)] == [4.0, 4.5]

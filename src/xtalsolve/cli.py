@@ -575,7 +575,7 @@ def solve(
     formula: Annotated[str, typer.Option("--formula", help="Chemical formula, e.g. TiO2 (Z is found from the data).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (resumes a killed run).")],
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Trained diffusion model (default: the "
-                                                       "shipped gpu_mp20.pt).")] = None,
+                                                       "shipped gpu_mp20_ft.pt).")] = None,
     wavelength: WavelengthOpt = None,
     radiation: RadiationOpt = None,
     x_unit: XUnitOpt = None,
@@ -589,7 +589,9 @@ def solve(
                                            "training crystals with the elements substituted, then random "
                                            "symmetric crystals; measured best), symmetric (random crystals in "
                                            "space groups drawn from the training prior), diffusion (the guided "
-                                           "model) or both (half diffusion, half symmetric).")] = "prototype",
+                                           "model), both (half diffusion, half symmetric) or "
+                                           "prototype+diffusion (half each; the model reaches types no library "
+                                           "holds).")] = "prototype",
     fill: Annotated[str, typer.Option("--fill", help="What the prototype generator draws once its library runs "
                                       "out for a cell: symmetric, diffusion (the guided model) or "
                                       "both.")] = "symmetric",
@@ -651,7 +653,8 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
     if samples < 1:
         raise XtalsolveError("must be at least 1", "--samples")
     checkpoint = checkpoint or shipped_checkpoint()
-    if (generator in ("diffusion", "both") or fill != "symmetric") and not checkpoint.is_file():  # the model is needed
+    needs_model = generator in ("diffusion", "both", "prototype+diffusion") or fill != "symmetric"
+    if needs_model and not checkpoint.is_file():
         raise XtalsolveError("no such checkpoint (train one with `xtalsolve train --config configs/small_cpu.json`)",
                              checkpoint)
     settings = SolveSettings(samples=samples, seed=seed, natoms=natoms, size_hint_A=size_hint, rank_by=rank_by,

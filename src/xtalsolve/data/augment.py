@@ -51,7 +51,7 @@ class Augmentation:
 
 
 def _uniform(lo: float, hi: float, n: int, gen: torch.Generator) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+    return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64, device=gen.device)
 
 
 def _log_uniform(lo: float, hi: float, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -65,22 +65,27 @@ def training_patterns(
 
     Returns patterns (B, P) scaled to max 1 inside the measured range and 0 outside, the mask (B, P) of the
     measured range, and the drawn conditions (one wavelength per batch; the rest per pattern).
+    Computed where ``generator`` draws (a CUDA generator: on that GPU, the batch moved there); the same
+    generator state gives the same patterns on one device, not across devices (their random streams differ).
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    device = gen.device
+    batch = batch.to(device)
     n = len(batch)
-    grid = aug.grid.to(batch.lattice.dtype)
-    if torch.rand(1, generator=gen).item() < aug.synchrotron_fraction:
+    grid = aug.grid.to(device=device, dtype=batch.lattice.dtype)
+    if torch.rand(1, generator=gen, device=device).item() < aug.synchrotron_fraction:
         wavelength = float(_uniform(*aug.synchrotron_A, 1, gen))
     else:
-        wavelength = aug.wavelengths_A[int(torch.randint(len(aug.wavelengths_A), (1,), generator=gen))]
+        wavelength = aug.wavelengths_A[int(torch.randint(len(aug.wavelengths_A), (1,), generator=gen, device=device))]
     size = _log_uniform(*aug.size_A, n, gen)
     strain = _uniform(*aug.strain, n, gen)
-    zero = aug.zero_shift_deg * torch.randn(n, generator=gen, dtype=torch.float64)
+    zero = aug.zero_shift_deg * torch.randn(n, generator=gen, dtype=torch.float64, device=device)
     w = float(_uniform(*aug.caglioti_w_deg2, 1, gen))
     biso = _uniform(*aug.biso_A2, n, gen)
-    textured = torch.rand(n, generator=gen) < aug.texture_fraction
-    ratio = torch.where(textured, _uniform(*aug.texture_ratio, n, gen), torch.ones(n, dtype=torch.float64))
-    axis = torch.randint(-2, 3, (3,), generator=gen)
+    textured = torch.rand(n, generator=gen, device=device) < aug.texture_fraction
+    ratio = torch.where(textured, _uniform(*aug.texture_ratio, n, gen),
+                        torch.ones(n, dtype=torch.float64, device=device))
+    axis = torch.randint(-2, 3, (3,), generator=gen, device=device).cpu()
     axis = axis if bool(axis.any()) else torch.tensor([0, 0, 1])
 
     with torch.no_grad():
@@ -101,7 +106,7 @@ def training_patterns(
 
     # background: Chebyshev polynomial on the grid (kept positive) plus an amorphous hump
     t = (2 * (grid - grid[0]) / (grid[-1] - grid[0]) - 1).unsqueeze(0)
-    coeffs = torch.randn(n, aug.background_terms, generator=gen, dtype=torch.float64)
+    coeffs = torch.randn(n, aug.background_terms, generator=gen, dtype=torch.float64, device=device)
     cheb = [torch.ones_like(t).expand(n, -1), t.expand(n, -1)]
     for _ in range(2, aug.background_terms):
         cheb.append(2 * t * cheb[-1] - cheb[-2])
@@ -117,7 +122,8 @@ def training_patterns(
     # counting statistics, then read-out noise
     counts = _log_uniform(*aug.counts, n, gen)[:, None]
     y = torch.poisson(y * counts, generator=gen) / counts
-    y = y + _uniform(*aug.gaussian_noise, n, gen)[:, None] * torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    y = y + _uniform(*aug.gaussian_noise, n, gen)[:, None] * torch.randn(y.shape, generator=gen, dtype=y.dtype,
+                                                                          device=device)
     y = torch.where(mask, y, torch.zeros_like(y))
     y = y / y.amax(1, keepdim=True).clamp(min=1e-30)
     conditions = {"wavelength_A": wavelength, "size_A": size, "strain": strain, "zero_shift_deg": zero,

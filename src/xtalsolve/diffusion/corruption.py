@@ -20,6 +20,11 @@ _SQRT2 = math.sqrt(2.0)
 _IU = (torch.tensor([0, 1, 2, 0, 0, 1]), torch.tensor([0, 1, 2, 1, 2, 2]))  # 6-vector <-> symmetric matrix
 
 
+def _device(generator: torch.Generator | None) -> torch.device | None:
+    """Where draws from ``generator`` land: its own device (a CUDA generator draws on the GPU)."""
+    return None if generator is None else generator.device
+
+
 def sym_to_vec(s: torch.Tensor) -> torch.Tensor:
     """(..., 3, 3) symmetric -> (..., 6) [s11, s22, s33, sqrt2 s12, sqrt2 s13, sqrt2 s23] (an isometry: the
     Frobenius norm of the matrix is the Euclidean norm of the vector, so isotropic noise stays isotropic)."""
@@ -93,11 +98,12 @@ class LatticeDiffusion:
         return torch.linalg.cholesky(0.5 * (g + g.transpose(-1, -2)))
 
     def sample_t(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
-        return self.t_min + (1.0 - self.t_min) * torch.rand(n, generator=generator, dtype=dtype)
+        return self.t_min + (1.0 - self.t_min) * torch.rand(n, generator=generator, dtype=dtype,
+                                                            device=_device(generator))
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None):
         """(x_t, eps): x_t = sqrt(abar) x0 + sqrt(1 - abar) eps; the training target is eps."""
-        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
         abar = self.alpha_bar(t).to(x0.dtype)[:, None]
         return abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps, eps
 
@@ -107,7 +113,7 @@ class LatticeDiffusion:
         return (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
 
     def prior(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
-        return torch.randn(n, 6, generator=generator, dtype=dtype)
+        return torch.randn(n, 6, generator=generator, dtype=dtype, device=_device(generator))
 
     def reverse_step(self, x_t, eps, t, s, generator=None) -> torch.Tensor:
         """Ancestral DDPM step from t to s < t (the exact-Gaussian form of the Euler-Maruyama step of the
@@ -118,7 +124,7 @@ class LatticeDiffusion:
         beta = 1.0 - alpha
         mean = (x_t - beta / (1.0 - abar_t).sqrt() * eps) / alpha.sqrt()
         var = beta * (1.0 - abar_s) / (1.0 - abar_t)
-        noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype)
+        noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
         return mean + var.clamp(min=0).sqrt() * noise * (s > 0).to(x_t.dtype)[:, None]
 
 
@@ -159,7 +165,7 @@ class TorusDiffusion:
     def score_norm(self, sigma: torch.Tensor, n_grid: int = 2000) -> torch.Tensor:
         """E[score^2] of the 1D wrapped normal at each sigma, by quadrature over one period (-> 1 / sigma^2 for
         small sigma, where a Gaussian fits inside the cell)."""
-        d = (torch.arange(n_grid, dtype=torch.float64) + 0.5) / n_grid - 0.5
+        d = (torch.arange(n_grid, dtype=torch.float64, device=sigma.device) + 0.5) / n_grid - 0.5
         s = sigma.detach().to(torch.float64).reshape(-1, 1)
         dens = torch.exp(wrapped_normal_log_density(d, s, self.n_images))
         score = wrapped_normal_score(d, s, self.n_images)
@@ -169,12 +175,13 @@ class TorusDiffusion:
         return norm.to(sigma.dtype).reshape(sigma.shape)
 
     def sample_t(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
-        return self.t_min + (1.0 - self.t_min) * torch.rand(n, generator=generator, dtype=dtype)
+        return self.t_min + (1.0 - self.t_min) * torch.rand(n, generator=generator, dtype=dtype,
+                                                            device=_device(generator))
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None):
         """(x_t, target) for x0 (B, N, 3): target = score of the wrapped normal at x_t / sqrt(E[score^2])."""
         sigma = self.sigma(t).to(x0.dtype)[:, None, None]
-        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
         x_t = torch.remainder(x0 + sigma * eps, 1.0)
         target = wrapped_normal_score(x_t - x0, sigma, self.n_images) / self.score_norm(sigma).sqrt()
         return x_t, target
@@ -189,4 +196,4 @@ class TorusDiffusion:
         return x_t + self.sigma(t).to(x_t.dtype)[:, None, None] ** 2 * score
 
     def prior(self, shape, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
-        return torch.rand(shape, generator=generator, dtype=dtype)
+        return torch.rand(shape, generator=generator, dtype=dtype, device=_device(generator))

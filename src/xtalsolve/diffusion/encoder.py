@@ -17,7 +17,7 @@ from xtalsolve.errors import XtalsolveError
 
 def cfg_dropout(n: int, p_uncond: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """(n,) bool: which conditions to replace by the null embedding (classifier-free guidance training)."""
-    return torch.rand(n, generator=generator) < p_uncond
+    return torch.rand(n, generator=generator, device=None if generator is None else generator.device) < p_uncond
 
 
 class PatternEncoder(nn.Module):
