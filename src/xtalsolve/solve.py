@@ -400,9 +400,9 @@ def refinement_choice(screened: Sequence[dict], n: int) -> list[dict]:
     """The screened candidates (best first) to refine: the first ``n`` distinct ones and, when they come from the
     parts of a mixed generator (record "part"), the best distinct one of each part that has none among them.
     The screening fit misorders crystals that Rietveld tells apart, and one source's near misses can fill the
-    ``n`` places: PXRDnet's FeCu6GeS8 at 100 A, with half the candidates from the library and half from the
-    guided model, had its right diffusion candidate sixth by the screen (0.0236 against 0.0199 for a wrong library
-    type) and so unrefined, while refined it wins (Rwp 10.9 % against 12.3 %; docs/solver.md, session 24)."""
+    ``n`` places: for PXRDnet's FeCu6GeS8 at 100 A the guided model's right crystal screens at 0.0239 and refines
+    to Rwp 10.9 %, while library types screen better (0.0199-0.0214) and refine worse (12.3 % and up), so with
+    half the candidates from each only library ones were refined (docs/solver.md, session 24)."""
     chosen = distinct(screened, n)
     for part in sorted({r["part"] for r in screened if r.get("part") is not None}):
         if all(r.get("part") != part for r in chosen):
