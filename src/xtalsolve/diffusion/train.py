@@ -272,7 +272,8 @@ def _step_inputs(config: TrainConfig, train_set, model: CrystalDiffusion, augmen
     line on the training device, where a GPU simulates a batch's patterns faster than a CPU core."""
     processes = SimpleNamespace(lattice=model.lattice, torus=model.torus)
     if config.simulate_on == "device":
-        return (loss_inputs(processes, train_set.batch(_batch_rows(config, len(train_set), step), dtype=torch.float32),
+        rows = lambda step: _batch_rows(config, len(train_set), step)  # noqa: E731
+        return (loss_inputs(processes, train_set.batch(rows(step), dtype=torch.float32),
                             _generator(config.seed, 0, step, device), config.p_uncond, augment)
                 for step in range(first, config.steps))
     pin = device.type == "cuda"
@@ -474,9 +475,10 @@ def train(config: TrainConfig, data=None, progress: bool = True, log=print) -> d
                 for e, p in zip(ema.parameters(), model.parameters()):
                     e.lerp_(p, 1.0 - decay)
             step += 1
-            write({"step": step, "lr": lr, "grad_norm": float(grad_norm), **{k: float(v.detach()) for k, v in out.items()}})
+            losses = {k: float(v.detach()) for k, v in out.items()}
+            write({"step": step, "lr": lr, "grad_norm": float(grad_norm), **losses})
             if bar is not None:
-                bar[0].update(bar[1], completed=step, description=f"loss {float(out['loss']):.3f}")
+                bar[0].update(bar[1], completed=step, description=f"loss {losses['loss']:.3f}")
             over_time = config.time_limit_s is not None and time.perf_counter() - started > config.time_limit_s
             if step % config.val_every == 0 or step == config.steps or over_time:
                 validate()
