@@ -653,7 +653,7 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
     if samples < 1:
         raise XtalsolveError("must be at least 1", "--samples")
     checkpoint = checkpoint or shipped_checkpoint()
-    needs_model = generator in ("diffusion", "both", "prototype+diffusion") or fill != "symmetric"
+    needs_model = generator not in ("prototype", "symmetric") or fill != "symmetric"
     if needs_model and not checkpoint.is_file():
         raise XtalsolveError("no such checkpoint (train one with `xtalsolve train --config configs/small_cpu.json`)",
                              checkpoint)

@@ -244,11 +244,13 @@ def network_loss(model: CrystalDiffusion, inputs: dict, lattice_weight: float = 
 
 class _StepInputs(torch.utils.data.Dataset):
     """The loss inputs of training steps ``first, first + 1, ...``, each a pure function of (seed, step), so
-    that data-loader workers simulate patterns in parallel without changing what any step sees."""
+    that data-loader workers simulate patterns in parallel without changing what any step sees; drawn on
+    ``device`` (a CPU for the workers, the training device in line)."""
 
-    def __init__(self, config: TrainConfig, train_set, processes, augment: Augmentation, first: int):
+    def __init__(self, config: TrainConfig, train_set, processes, augment: Augmentation, first: int,
+                 device: str | torch.device = "cpu"):
         self.config, self.train_set, self.processes = config, train_set, processes
-        self.augment, self.first = augment, first
+        self.augment, self.first, self.device = augment, first, device
 
     def __len__(self) -> int:
         return max(self.config.steps - self.first, 0)
@@ -257,8 +259,8 @@ class _StepInputs(torch.utils.data.Dataset):
         step = self.first + k
         rows = _batch_rows(self.config, len(self.train_set), step)
         batch = self.train_set.batch(rows, dtype=torch.float32)
-        return loss_inputs(self.processes, batch, _generator(self.config.seed, 0, step), self.config.p_uncond,
-                           self.augment)
+        return loss_inputs(self.processes, batch, _generator(self.config.seed, 0, step, self.device),
+                           self.config.p_uncond, self.augment)
 
 
 def _one_thread(_worker: int) -> None:
@@ -272,10 +274,8 @@ def _step_inputs(config: TrainConfig, train_set, model: CrystalDiffusion, augmen
     line on the training device, where a GPU simulates a batch's patterns faster than a CPU core."""
     processes = SimpleNamespace(lattice=model.lattice, torus=model.torus)
     if config.simulate_on == "device":
-        rows = lambda step: _batch_rows(config, len(train_set), step)  # noqa: E731
-        return (loss_inputs(processes, train_set.batch(rows(step), dtype=torch.float32),
-                            _generator(config.seed, 0, step, device), config.p_uncond, augment)
-                for step in range(first, config.steps))
+        steps = _StepInputs(config, train_set, processes, augment, first, device)
+        return (steps[k] for k in range(len(steps)))
     pin = device.type == "cuda"
     workers = max(int(config.loader_workers), 0)
     loader = torch.utils.data.DataLoader(
