@@ -8,8 +8,10 @@ Inputs (all committed): the melt-quench glasses ``data/amorphous/glass_s*.cif``,
    (r 1 - L/2 angstrom, Qmax 20) against the measured ISIS data (``../shared/data/amorphous``);
 2. template matching (k = 5) with the crystalline training split as templates: crystalline test split,
    crystalline leave-one-material-out (all materials), amorphous; and with every crystalline spectrum as templates;
-3. the EXAFS-style first-shell fit (FEFF chi of each cluster, no noise, S02 known: optimistic) on the crystalline
-   test split and the amorphous set (one FEFF EXAFS run each; ``--exafs N`` limits the amorphous entries);
+3. the EXAFS-style first-shell fit on the crystalline test split and the amorphous set (one FEFF EXAFS run each;
+   ``--exafs N`` limits the amorphous entries), under three conditions: FEFF's chi with S02 known and no noise,
+   fitted in k-space (optimistic); the same fitted in R-space over the first-shell peak; and realistic data
+   (``REALISTIC_EXAFS``: S02 known to +-10 %, thermal sigma2, 5 % noise, R-space fit);
 4. the diffusion model (8 samples per spectrum; amorphous also by true CN): the shipped checkpoint ``src/xtalsolve/local/data/edm_Si_K.pt``
    (trained on the crystalline train split only) unless ``--checkpoint`` names another; ``--no-model`` skips it.
    Template matching and the model are also scored on the crystalline val split (a second held-out material).
@@ -90,7 +92,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from xtalsolve.local.evaluate import evaluate_exafs, evaluate_model, evaluate_template, evaluate_template_lomo
+    from xtalsolve.local.evaluate import (evaluate_exafs, evaluate_model, evaluate_template, evaluate_template_lomo,
+                                          exafs_chis)
     from xtalsolve.local.library import SpectrumLibrary, build_library
     from xtalsolve.local.predict import default_checkpoint_path
 
@@ -140,16 +143,27 @@ def main() -> None:
         for cn, idx in sorted(by_cn(amorphous, absorber).items()):  # the same samples, grouped by the true CN
             rows[f"{name} | amorphous, true CN {cn}"] = score([pred[i] for i in idx], [true[i] for i in idx])
     if args.exafs != 0:
+        from dataclasses import replace
+
+        from xtalsolve.local.baselines import IDEAL_EXAFS, REALISTIC_EXAFS
+
         ref = train.cluster(next(i for i, m in enumerate(train.meta) if not m.get("perturbation")), absorber)
         n = len(amorphous) if args.exafs is None else min(args.exafs, len(amorphous))
-        rows["EXAFS-style fit | crystalline test"] = evaluate_exafs(test, absorber, ref)
-        rows[f"EXAFS-style fit | amorphous ({n})"] = evaluate_exafs(amorphous, absorber, ref, limit=n)
+        chis = {"crystalline test": exafs_chis(test, absorber), f"amorphous ({n})": exafs_chis(amorphous, absorber, n)}
+        conditions = {"EXAFS-style fit": IDEAL_EXAFS,
+                      "EXAFS-style fit, R-space": replace(IDEAL_EXAFS, r_window=REALISTIC_EXAFS.r_window),
+                      "EXAFS-style fit, realistic": REALISTIC_EXAFS}
+        for method, cond in conditions.items():
+            for (set_name, set_chis), lib in zip(chis.items(), (test, amorphous)):
+                rows[f"{method} | {set_name}"] = evaluate_exafs(lib, absorber, ref, conditions=cond, chis=set_chis)
         result["exafs_reference"] = ref.meta.get("material_key")
+        result["exafs_conditions"] = {method: cond.as_dict() for method, cond in conditions.items()}
     result["seconds_scoring"] = round(time.perf_counter() - t0, 1)
     result["scores"] = rows
     # amorphous / crystalline ratios (target: within 1.5x)
     ratios = {}
-    for method in ("template k=5", "EXAFS-style fit") + ((name,) if args.checkpoint else ()):
+    exafs_methods = ("EXAFS-style fit", "EXAFS-style fit, R-space", "EXAFS-style fit, realistic")
+    for method in ("template k=5",) + exafs_methods + ((name,) if args.checkpoint else ()):
         amo = next((v for k, v in rows.items() if k.startswith(f"{method} | amorphous")), None)
         for ref_set in ("crystalline test", "crystalline val", "crystalline leave-one-material-out"):
             cry = rows.get(f"{method} | {ref_set}")

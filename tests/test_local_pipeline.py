@@ -147,6 +147,52 @@ def test_first_shell_exafs_fit_recovers_synthetic_shell():
     assert fit.sigma2_A2 == pytest.approx(0.0025, abs=0.0008)
 
 
+def test_chi_r_peaks_at_the_shell_distance():
+    """A pure sine sin(2 k R0) (no phase shift) transforms to a peak at R0; the transform is linear in chi."""
+    from xtalsolve.local.baselines import chi_r
+
+    k = np.arange(2.0, 14.0, 0.05)
+    r = np.arange(0.0, 4.0, 0.01)
+    for r0 in (1.6, 2.0, 3.1):
+        assert r[np.argmax(np.abs(chi_r(k, np.sin(2 * k * r0), r)))] == pytest.approx(r0, abs=0.02)
+    a, b = np.sin(2 * k * 1.6), 0.3 * np.cos(2 * k * 2.9)
+    assert np.allclose(chi_r(k, a + b, r), chi_r(k, a, r) + chi_r(k, b, r))
+
+
+def _synthetic_path():
+    k = np.arange(2.0, 14.0, 0.05)
+    return k, 0.6 * np.exp(-((k - 4.0) ** 2) / 30.0), -1.2 - 0.25 * k, 1.5 + 0.8 * k
+
+
+def test_r_space_fit_recovers_the_first_shell_beside_a_second_one():
+    k, amp, phase, lam = _synthetic_path()
+    chi = shell_chi(k, 4.0, 1.61, 0.0025, amp, phase, lam) + shell_chi(k, 4.0, 3.10, 0.005, amp, phase, lam)
+    chi += np.random.default_rng(1).normal(0, 0.002, k.size)
+    fit = fit_first_shell(k, chi, amp, phase, lam, start=(5.0, 1.7, 0.004), r_window=(1.0, 2.0), kmin=3, kmax=12)
+    assert fit.n == pytest.approx(4.0, rel=0.05) and fit.r_A == pytest.approx(1.61, abs=0.01)
+    assert fit.sigma2_A2 == pytest.approx(0.0025, abs=0.0005)
+
+
+def test_exafs_conditions_wrong_s02_scales_the_fitted_n():
+    """N and S02 are one product: a sample whose S02 is 0.75 analysed with S02 = 1 gives N = 3 for four O;
+    thermal sigma2 is taken up by the fitted sigma2, not by N."""
+    from dataclasses import replace
+
+    from xtalsolve.local.baselines import IDEAL_EXAFS, REALISTIC_EXAFS, FeffPath, exafs_first_shell
+
+    k, amp, phase, lam = _synthetic_path()
+    chi = np.c_[k, shell_chi(k, 4.0, 1.61, 0.0, amp, phase, lam)]
+    ref = FeffPath(k, amp, phase, lam, 4.0, 1.61)
+    tet = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3) * 1.61
+    cl = Cluster(("Si",) + ("O",) * 4, np.vstack([np.zeros(3), tet]))
+    assert exafs_first_shell(cl, ref, chi=chi).coordination_number == 4
+    low = replace(IDEAL_EXAFS, s02_range=(0.75, 0.75))
+    assert exafs_first_shell(cl, ref, conditions=low, chi=chi).coordination_number == 3
+    warm = replace(REALISTIC_EXAFS, s02_range=(0.9, 0.9), noise=0.0, sigma2_range=(0.003, 0.003))
+    shell = exafs_first_shell(cl, ref, conditions=warm, chi=chi)
+    assert shell.coordination_number == 4 and shell.bond_lengths_A == pytest.approx([1.61] * 4, abs=0.01)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "xtalsolve.cli", *args], capture_output=True, text=True, check=False)
 

@@ -258,8 +258,8 @@ def spectra_evaluate(
     test_library: Annotated[Optional[Path], typer.Option("--test-library", help="Score this library instead "
                                                           "(e.g. the amorphous set).")] = None,
     samples: Annotated[int, typer.Option("--samples")] = 8,
-    exafs: Annotated[int, typer.Option("--exafs", help="Also run the EXAFS-style fit on this many held-out "
-                                       "entries (one FEFF run each).")] = 0,
+    exafs: Annotated[int, typer.Option("--exafs", help="Also run the EXAFS-style fit, ideal and "
+                                       "realistic, on this many held-out entries (one FEFF run each).")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the table and JSON here (.md).")] = None,
 ):
     """Score template matching (and the diffusion model) on held-out spectra; print a Markdown table."""
@@ -293,12 +293,14 @@ def spectra_evaluate(
         model, cfg = load_model(checkpoint)
         rows[f"diffusion ({samples} samples)"] = evaluate_model(model, cfg, test, absorber, samples=samples)
     if exafs > 0:
-        from xtalsolve.local.evaluate import evaluate_exafs
+        from xtalsolve.local.baselines import IDEAL_EXAFS, REALISTIC_EXAFS
+        from xtalsolve.local.evaluate import evaluate_exafs, exafs_chis
 
-        ref = next(i for i, m in enumerate(train_lib.meta) if not m.get("perturbation"))
-        rows[f"EXAFS-style fit ({min(exafs, len(test))})"] = evaluate_exafs(
-            test, absorber, train_lib.cluster(ref, absorber), limit=exafs
-        )
+        ref = train_lib.cluster(next(i for i, m in enumerate(train_lib.meta) if not m.get("perturbation")), absorber)
+        chis = exafs_chis(test, absorber, exafs)
+        for name, cond in (("ideal", IDEAL_EXAFS), ("realistic", REALISTIC_EXAFS)):
+            rows[f"EXAFS-style fit, {name} ({len(chis)})"] = evaluate_exafs(test, absorber, ref, conditions=cond,
+                                                                           chis=chis)
     table = markdown_table(rows)
     typer.echo(table)
     if out:

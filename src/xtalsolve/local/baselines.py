@@ -7,7 +7,11 @@
 - :func:`fit_first_shell`: EXAFS-style single-shell fit, chi(k) = N S02 |F(k)| / (k R^2) exp(-2 k^2 sigma2)
   exp(-2R / lambda(k)) sin(2kR + phi(k)), least squares on N, R, sigma2 (and an E0 shift), with the
   amplitude |F|, phase phi and mean free path lambda of the absorber-ligand path given as arrays on k
-  (from FEFF's ``feffNNNN.dat`` or any other source).
+  (from FEFF's ``feffNNNN.dat`` or any other source); in k-space, or in R-space over the first-shell peak of
+  the windowed Fourier transform (:func:`chi_r`), as Artemis / Larch users fit.
+- :class:`ExafsConditions`: what separates measured EXAFS from FEFF's ideal chi(k) (the sample's S02 against the
+  analyst's assumed one, thermal disorder, noise) and the space the analyst fits in; :data:`IDEAL_EXAFS`,
+  :data:`REALISTIC_EXAFS`.
 """
 
 from __future__ import annotations
@@ -135,12 +139,37 @@ def shell_chi(k, n, r, sigma2, amp, phase, lam, s02=1.0):
     return n * s02 * amp / (k * r**2) * np.exp(-2 * k**2 * sigma2) * np.exp(-2 * r / lam) * np.sin(2 * k * r + phase)
 
 
+def kspace_window(k, kmin: float, kmax: float, dk: float = 1.0) -> np.ndarray:
+    """Hanning-sill window on k (1/angstrom): sin^2 rise over [kmin - dk/2, kmin + dk/2], 1 in between, mirror-image
+    fall about kmax (the "hanning" window of Athena / Larch)."""
+    k = np.asarray(k, float)
+    rise = np.clip((k - kmin + dk / 2) / dk, 0.0, 1.0)
+    fall = np.clip((kmax + dk / 2 - k) / dk, 0.0, 1.0)
+    return np.sin(0.5 * np.pi * rise) ** 2 * np.sin(0.5 * np.pi * fall) ** 2
+
+
+def chi_r(k, chi, r, kweight: int = 2, kmin: float = 3.0, kmax: float = 12.0, dk: float = 1.0) -> np.ndarray:
+    """Complex EXAFS Fourier transform chi(R) = 1/sqrt(pi) sum_k k^w chi(k) W(k) exp(2ikR) dk at distances ``r``
+    (angstrom; the first-shell peak sits ~0.3-0.5 angstrom below the bond length, the phase shift). ``k`` must be
+    uniform. Written out here (a dense sum, ~100 R x 200 k) because it is one line and it is linear in chi, which
+    the R-space fit uses; Larch's ``xftf`` computes the same transform but brings a large dependency."""
+    k, chi, r = np.asarray(k, float), np.asarray(chi, float), np.asarray(r, float)
+    step = float(k[1] - k[0])
+    weighted = k**kweight * chi * kspace_window(k, kmin, kmax, dk)
+    return np.exp(2j * np.outer(r, k)) @ weighted * step / np.sqrt(np.pi)
+
+
 def fit_first_shell(k, chi, amp, phase, lam, kweight: int = 2, s02: float = 1.0,
-                    start=(4.0, 1.8, 0.003)) -> ShellFit:
-    """Least-squares fit of N, R, sigma2 and an E0 shift to ``chi(k)`` (k^kweight weighted).
+                    start=(4.0, 1.8, 0.003), r_window: tuple[float, float] | None = None,
+                    kmin: float | None = None, kmax: float | None = None) -> ShellFit:
+    """Least-squares fit of N, R, sigma2 and an E0 shift to ``chi(k)`` (k^kweight weighted), with the amplitude
+    reduction ``s02`` the analyst assumes.
 
     ``k``, ``amp``, ``phase``, ``lam`` are arrays on the same k grid (1/angstrom). The E0 shift moves k as
-    k' = sqrt(k^2 - dE0 / KTOE); the path functions are interpolated on k'.
+    k' = sqrt(k^2 - dE0 / KTOE); the path functions are interpolated on k'. Without ``r_window`` the residual is
+    k^w (model - chi) on every k; with ``r_window`` = (rmin, rmax) angstrom it is the real and imaginary parts of
+    :func:`chi_r` of (model - chi) on rmin..rmax (window kmin..kmax, default the ends of ``k`` less 0.5 1/angstrom;
+    ``k`` must then be uniform), which isolates the first shell from the farther ones as an analyst's fit does.
     """
     k, chi = np.asarray(k, float), np.asarray(chi, float)
 
@@ -149,8 +178,19 @@ def fit_first_shell(k, chi, amp, phase, lam, kweight: int = 2, s02: float = 1.0,
         kp = np.sqrt(np.maximum(k**2 - de0 / KTOE, 1e-8))
         return shell_chi(kp, n, r, s2, np.interp(kp, k, amp), np.interp(kp, k, phase), np.interp(kp, k, lam), s02)
 
-    def resid(p):
-        return (model(p) - chi) * k**kweight
+    if r_window is None:
+        def resid(p):
+            return (model(p) - chi) * k**kweight
+    else:
+        lo = float(k[0]) + 0.5 if kmin is None else kmin
+        hi = float(k[-1]) - 0.5 if kmax is None else kmax
+        r_grid = np.arange(r_window[0], r_window[1] + 1e-9, 0.02)
+        step = float(k[1] - k[0])
+        transform = np.exp(2j * np.outer(r_grid, k)) * (k**kweight * kspace_window(k, lo, hi) * step / np.sqrt(np.pi))
+
+        def resid(p):
+            z = transform @ (model(p) - chi)
+            return np.concatenate([z.real, z.imag])
 
     best = None
     for r0 in np.linspace(start[1] - 0.2, start[1] + 0.2, 5):  # phase wrapping: several R starts
@@ -160,6 +200,37 @@ def fit_first_shell(k, chi, amp, phase, lam, kweight: int = 2, s02: float = 1.0,
             best = res
     n, r, s2, de0 = best.x
     return ShellFit(float(n), float(r), float(s2), float(de0), float(np.sqrt(np.mean(best.fun**2))))
+
+
+@dataclass(frozen=True)
+class ExafsConditions:
+    """What the EXAFS-style baseline is given beyond FEFF's ideal chi(k) of a cluster, and how it fits.
+
+    The sample's S02 is drawn uniformly from ``s02_range`` while the analyst assumes ``s02_assumed`` (S02 and N
+    are one product in the EXAFS amplitude, so an S02 off by 10 % puts N off by 10 %); thermal disorder multiplies
+    chi by exp(-2 k^2 sigma2) with sigma2 drawn from ``sigma2_range`` (angstrom^2; fitted back by the free sigma2,
+    which also correlates with N); white noise has a standard deviation of ``noise`` times the RMS of chi on
+    kmin..kmax (1/angstrom). ``r_window`` (angstrom) fits in R-space (:func:`fit_first_shell`); None, in k-space."""
+
+    s02_range: tuple[float, float] = (1.0, 1.0)
+    s02_assumed: float = 1.0
+    sigma2_range: tuple[float, float] = (0.0, 0.0)
+    noise: float = 0.0
+    r_window: tuple[float, float] | None = None
+    kmin: float = 3.0
+    kmax: float = 12.0
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+#: FEFF's own chi(k), S02 known, no noise, k-space fit of a single shell: the baseline's best case on paper (the
+#: farther shells, which the single shell cannot fit, are its only handicap).
+IDEAL_EXAFS = ExafsConditions()
+#: An analyst's everyday case: S02 known to +-10 % (0.8-1.0, assumed 0.9), room-temperature sigma2 0.001-0.003
+#: angstrom^2, noise 5 % of the chi RMS, fit in R-space over the first-shell peak (0.9-2.0 angstrom).
+REALISTIC_EXAFS = ExafsConditions(s02_range=(0.8, 1.0), s02_assumed=0.9, sigma2_range=(0.001, 0.003), noise=0.05,
+                                  r_window=(0.9, 2.0))
 
 
 # ---------------------------------------------------------------------------------------------- FEFF path functions
@@ -229,15 +300,30 @@ def first_shell_path(cluster: Cluster, ligand: str = "O", edge: str = "K", kmax:
     return paths[0], chi
 
 
-def exafs_first_shell(cluster: Cluster, reference: FeffPath, ligand: str = "O", kmin: float = 3.0,
-                      kmax: float = 12.0, rpath: float = 4.0, noise: float = 0.0, seed: int = 0) -> FirstShell:
-    """EXAFS-style analysis of a cluster: FEFF chi(k) of the whole cluster (single scattering to ``rpath``),
-    optional Gaussian noise, and a single-shell fit with the ``reference`` path (from a model compound, as an
-    analyst would). CN = fitted N rounded; bond lengths = fitted R; no angles (EXAFS does not give them)."""
-    _, chi = feff_exafs(cluster, rpath, kmax=kmax + 2.0)
-    m = (chi[:, 0] >= kmin) & (chi[:, 0] <= kmax)
-    k, y = chi[m, 0], chi[m, 1] + np.random.default_rng(seed).normal(0.0, noise, m.sum())
+def cluster_chi(cluster: Cluster, rpath: float = 4.0, kmax: float = 14.0) -> np.ndarray:
+    """FEFF10 chi(k) of ``cluster`` (single scattering to half path length ``rpath`` angstrom) as (k, chi)."""
+    return feff_exafs(cluster, rpath, kmax=kmax)[1]
+
+
+def exafs_first_shell(cluster: Cluster, reference: FeffPath, ligand: str = "O",
+                      conditions: ExafsConditions = IDEAL_EXAFS, seed: int = 0, rpath: float = 4.0,
+                      chi: np.ndarray | None = None) -> FirstShell:
+    """EXAFS-style analysis of a cluster: FEFF chi(k) of the whole cluster (single scattering to ``rpath``; or the
+    given ``chi`` as (k, chi) from :func:`cluster_chi`), degraded as ``conditions`` say (draws seeded by
+    ``seed``), and a single-shell fit with the ``reference`` path (from a model compound, as an analyst would).
+    CN = fitted N rounded; bond lengths = fitted R; no angles (EXAFS does not give them)."""
+    c = conditions
+    if chi is None:
+        chi = cluster_chi(cluster, rpath, kmax=c.kmax + 2.0)
+    rng = np.random.default_rng(seed)
+    k = chi[:, 0]
+    y = chi[:, 1] * rng.uniform(*c.s02_range) * np.exp(-2 * k**2 * rng.uniform(*c.sigma2_range))
+    fit_range = (k >= c.kmin - 1.0) & (k <= c.kmax + 1.0) if c.r_window else (k >= c.kmin) & (k <= c.kmax)
+    in_window = (k >= c.kmin) & (k <= c.kmax)
+    y = y + rng.normal(0.0, c.noise * float(np.sqrt(np.mean(y[in_window] ** 2))), k.size)
+    k, y = k[fit_range], y[fit_range]
     fit = fit_first_shell(k, y, np.interp(k, reference.k, reference.amp), np.interp(k, reference.k, reference.phase),
-                          np.interp(k, reference.k, reference.lam), start=(4.0, reference.reff_A, 0.003))
+                          np.interp(k, reference.k, reference.lam), s02=c.s02_assumed,
+                          start=(4.0, reference.reff_A, 0.003), r_window=c.r_window, kmin=c.kmin, kmax=c.kmax)
     n = max(round(fit.n), 0)
     return FirstShell(ligand, float("nan"), n, np.full(n, fit.r_A), np.zeros(0))

@@ -65,15 +65,27 @@ def evaluate_model(model, cfg: dict, test: SpectrumLibrary, absorber: str, ligan
     return score(model_shells(model, cfg, test, absorber, ligand, samples, seed), truths(test, absorber, ligand))
 
 
-def evaluate_exafs(test: SpectrumLibrary, absorber: str, reference, ligand: str = "O", noise: float = 0.0,
-                   limit: int | None = None) -> dict:
-    """EXAFS-style first-shell fit (FEFF chi of each test cluster, fitted with the ``reference`` cluster's first
-    path). Costs one FEFF EXAFS run (no SCF) per test entry."""
-    from xtalsolve.local.baselines import exafs_first_shell, first_shell_path
+def exafs_chis(test: SpectrumLibrary, absorber: str, limit: int | None = None) -> list[np.ndarray]:
+    """FEFF10 chi(k) of the first ``limit`` clusters of ``test`` (one EXAFS run each, no SCF; ~1-2 s a run), to
+    score several :class:`~xtalsolve.local.baselines.ExafsConditions` on the same runs."""
+    from xtalsolve.local.baselines import cluster_chi
+
+    n = len(test) if limit is None else min(limit, len(test))
+    return [cluster_chi(test.cluster(i, absorber)) for i in range(n)]
+
+
+def evaluate_exafs(test: SpectrumLibrary, absorber: str, reference, ligand: str = "O", conditions=None,
+                   limit: int | None = None, chis: list[np.ndarray] | None = None) -> dict:
+    """EXAFS-style first-shell fit of the first ``limit`` test clusters under ``conditions`` (default
+    :data:`~xtalsolve.local.baselines.IDEAL_EXAFS`), with the ``reference`` cluster's first path. Costs one FEFF
+    EXAFS run (no SCF) per test entry unless their ``chis`` (:func:`exafs_chis`) are given."""
+    from xtalsolve.local.baselines import IDEAL_EXAFS, exafs_first_shell, first_shell_path
 
     ref_path, _ = first_shell_path(reference, ligand)
-    n = len(test) if limit is None else min(limit, len(test))
-    pred = [exafs_first_shell(test.cluster(i, absorber), ref_path, ligand, noise=noise, seed=i) for i in range(n)]
+    chis = exafs_chis(test, absorber, limit) if chis is None else chis
+    n = len(chis)
+    pred = [exafs_first_shell(test.cluster(i, absorber), ref_path, ligand, conditions or IDEAL_EXAFS, seed=i,
+                              chi=chis[i]) for i in range(n)]
     return score(pred, truths(test.subset(range(n)), absorber, ligand))
 
 
