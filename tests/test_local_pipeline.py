@@ -209,6 +209,30 @@ def test_cli_local_end_to_end(tmp_path):
     assert len(list(out.glob("sample_*.xyz"))) == 5 and (out / "local.png").stat().st_size > 1000
 
 
+def test_representative_sample_is_the_consensus_shell():
+    from xtalsolve.local.predict import representative_sample
+
+    tet = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)
+    cl = [Cluster(("Si",) + ("O",) * 4, np.vstack([np.zeros(3), tet * r])) for r in (1.58, 1.62, 1.66)]
+    cl.insert(0, Cluster(("Si",) + ("O",) * 3, np.vstack([np.zeros(3), tet[:3] * 1.62])))
+    assert representative_sample(cl, consensus(cl)) == 2  # CN 4, bonds 1.62 = the median; not the CN-3 sample
+
+
+@pytest.mark.skipif(not __import__("xtalsolve.local.feff", fromlist=["x"]).feff_available(),
+                    reason="feff10-rs not installed")
+def test_cli_local_simulate_compares_the_predicted_shell(tmp_path):
+    """--simulate: one FEFF10 run of the predicted SiO4 shell; quartz's edge is mostly its first shell (r > 0.8)."""
+    out = tmp_path / "o"
+    r = run_cli("local", str(DATA / "quartz_si_k_feff.txt"), "--absorber", "Si", "--samples", "3",
+                "--library", str(DATA / "si_k_library_small.npz"), "--method", "template", "--simulate",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    sim = s["simulated"]
+    assert sim["atoms"] == s["coordination_number"] + 1 == 5 and 0.8 < sim["pearson_r"] <= 1.0
+    assert "r = " in r.stdout and (out / "local.png").stat().st_size > 1000
+
+
 def test_cli_bad_spectra_one_line_exit_2(tmp_path):
     lib = str(DATA / "si_k_library_small.npz")
     kev = tmp_path / "kev.txt"

@@ -139,6 +139,9 @@ def local(
                                                   "model gets the spectrum on the computed energy axis (off by "
                                                   "default; measured spectra need it).")
                      ] = None,
+    simulate: Annotated[bool, typer.Option("--simulate", help="Also compute the FEFF10 spectrum of the predicted "
+                                           "first shell and compare it with the input (one FEFF run, seconds).")
+                        ] = False,
 ):
     """3D local coordination around the absorber from a near-edge spectrum (summary.json, .xyz, plot)."""
     from xtalsolve.io.spectra import read_spectrum
@@ -157,11 +160,16 @@ def local(
         raise XtalsolveError("must be >= 0 eV", "--broaden")
     pred = predict_local(spec, absorber, edge, samples, check_absorber(ligand), library, checkpoint, method, seed,
                          broaden, align)
+    if simulate:
+        from xtalsolve.local.predict import simulate_prediction
+
+        pred.summary["simulated"] = simulate_prediction(pred)
     write_outputs(pred, spec, out)
     s = pred.summary
     typer.echo(f"{out}: CN {s['coordination_number']} ({s['spread']['coordination_number_agreement']:.0%} of "
                f"{s['samples']} samples), mean {absorber}-{ligand} {s['mean_bond_length_A']} A [{s['method']}]"
-               + _mixture_text(s.get("mixture")))
+               + _mixture_text(s.get("mixture"))
+               + (f"; predicted first shell's FEFF10 spectrum: r = {s['simulated']['pearson_r']}" if simulate else ""))
 
 
 def _mixture_text(mixture: dict | None) -> str:
