@@ -118,7 +118,8 @@ def spectra_generate(
 
 @app.command("local")
 def local(
-    spectrum: Annotated[Path, typer.Argument(help="Near-edge spectrum: two-column energy (eV) / mu text, or XDI.")],
+    spectrum: Annotated[Path, typer.Argument(help="Near-edge spectrum: two-column energy (eV) / mu text, XDI, or "
+                                             "EELS (.dm3, .dm4, .msa; ELNES).")],
     absorber: Annotated[str, typer.Option("--absorber", help="Absorbing element, e.g. Si or Fe.")] = "Si",
     edge: Annotated[str, typer.Option("--edge", help="Absorption edge (K, L3, ...).")] = "K",
     samples: Annotated[int, typer.Option("--samples", help="Clusters to sample.")] = 8,
@@ -139,6 +140,9 @@ def local(
                                                   "model gets the spectrum on the computed energy axis (off by "
                                                   "default; measured spectra need it).")
                      ] = None,
+    kind: Annotated[Optional[str], typer.Option("--kind", help="xas or eels (ELNES: a power-law background is "
+                                                "subtracted first); default eels for .dm3/.dm4/.msa files, else "
+                                                "xas.")] = None,
     simulate: Annotated[bool, typer.Option("--simulate", help="Also compute the FEFF10 spectrum of the predicted "
                                            "first shell and compare it with the input (one FEFF run, seconds).")
                         ] = False,
@@ -155,7 +159,7 @@ def local(
 
         torch.set_num_threads(1)  # the diffusion graphs are tiny: one thread is much faster on a shared machine
     absorber = check_absorber(absorber)
-    spec = read_spectrum(spectrum, absorber, edge)
+    spec = read_spectrum(spectrum, absorber, edge, kind)
     if broaden < 0:
         raise XtalsolveError("must be >= 0 eV", "--broaden")
     pred = predict_local(spec, absorber, edge, samples, check_absorber(ligand), library, checkpoint, method, seed,

@@ -1,8 +1,17 @@
-"""Near-edge absorption spectra: read (two-column text, XDI 1.0), normalise, align at the edge.
+"""Near-edge absorption spectra: read (two-column text, XDI 1.0; EELS as DigitalMicrograph .dm3/.dm4 or EMSA .msa
+through RosettaSciIO), remove an EELS power-law background, normalise, align at the edge.
 
 Energies are in eV. Normalisation follows the usual XAFS convention (Athena/Larch ``pre_edge``): a first E0 at the
 maximum of d(mu)/dE, a line fitted to the pre-edge region subtracted, and division by the edge step, i.e. the
 difference at E0 between a post-edge polynomial and the pre-edge line.
+
+ELNES (an EELS core-loss edge) is read as the same kind of spectrum with ``meta["kind"] == "eels"``: the energy
+axis is the energy loss (eV), the intensity counts. Its pre-edge background, the tail of the lower-lying edges and
+the plasmons, falls off as a power law A E^-r and is subtracted (:func:`subtract_power_law`, as in Egerton's
+"Electron Energy-Loss Spectroscopy in the Electron Microscope", ch. 4); after that the edge is normalised like an
+absorption edge. In the dipole limit (small momentum transfer) the ELNES of an edge is its XANES: FEFF10's
+orientation-averaged ELNES of a 49-atom Si K cluster (300 keV, 10 mrad collection) and its XANES agree to
+Pearson r = 0.99997 once normalised (docs/spectra.md), so the XANES-trained models read ELNES as they are.
 
 Alignment energy: by default E0 is then moved to where the normalised mu first reaches 1/2 (``e0_method="half"``).
 FEFF spectra carry a small artificial step at the computed Fermi level, which the derivative criterion picks for some
@@ -55,23 +64,92 @@ class Normalized:
 # ------------------------------------------------------------------------------------------------------- reading
 
 
-def read_spectrum(path: str | Path, element: str | None = None, edge: str | None = None) -> XasSpectrum:
-    """Read XDI 1.0 or whitespace/comma-separated text with energy (eV) in column 1 and mu in column 2.
+def read_spectrum(path: str | Path, element: str | None = None, edge: str | None = None,
+                  kind: str | None = None) -> XasSpectrum:
+    """Read XDI 1.0 or whitespace/comma-separated text with energy (eV) in column 1 and mu in column 2, or an EELS
+    file (.dm3, .dm4, .msa/.ems/.emsa: energy loss in eV, counts).
 
     XDI files are recognised by their ``# XDI/`` first line; mu is taken from a ``mu``/``mutrans``/``mufluor``
-    column or computed as ln(i0/itrans) (transmission) or ifluor/i0 (fluorescence).
+    column or computed as ln(i0/itrans) (transmission) or ifluor/i0 (fluorescence). ``kind`` ("xas" or "eels",
+    ``meta["kind"]``) defaults to "eels" for the EELS formats and "xas" otherwise; give "eels" for an ELNES
+    spectrum saved as two-column text.
     """
     path = Path(path)
     if not path.exists():
         raise XtalsolveError("file not found", path)
-    text = path.read_text(errors="replace")
-    if text.lstrip().startswith("# XDI/"):
-        spec = _read_xdi(text, path)
+    if kind not in (None, "xas", "eels"):
+        raise XtalsolveError(f"unknown spectrum kind {kind!r} (xas or eels)", "--kind")
+    if path.suffix.lower() in EELS_SUFFIXES:
+        spec = _read_eels(path)
     else:
-        spec = _read_columns(text, path)
+        text = path.read_text(errors="replace")
+        spec = _read_xdi(text, path) if text.lstrip().startswith("# XDI/") else _read_columns(text, path)
     element = element or spec.element
     edge = edge or spec.edge
-    return check_spectrum(XasSpectrum(spec.energy, spec.mu, str(path), element, edge, spec.meta))
+    meta = {**spec.meta, "kind": kind or spec.meta.get("kind", "xas")}
+    return check_spectrum(XasSpectrum(spec.energy, spec.mu, str(path), element, edge, meta))
+
+
+# EELS files read through RosettaSciIO (the HyperSpy project's reader library)
+EELS_SUFFIXES = (".dm3", ".dm4", ".msa", ".ems", ".emsa")
+
+
+def _read_eels(path: Path) -> XasSpectrum:
+    """An EELS spectrum from a DigitalMicrograph (.dm3/.dm4) or EMSA/MSA file: the energy-loss axis in eV and the
+    counts; a spectrum image is summed over its navigation axes (the sum spectrum)."""
+    try:
+        if path.suffix.lower() in (".dm3", ".dm4"):
+            from rsciio.digitalmicrograph import file_reader
+        else:
+            from rsciio.msa import file_reader
+        signals = file_reader(str(path))
+    except Exception as exc:  # the readers raise many kinds of errors on bad files; keep one line
+        raise XtalsolveError(f"cannot read as EELS: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                             path) from None
+    for sig in signals:
+        axes = [a for a in sig["axes"] if not a.get("navigate", False)]
+        if len(axes) != 1:
+            continue
+        ax = axes[0]
+        unit = str(ax.get("units", "")).strip().lower()
+        if unit not in ("ev", "kev"):
+            raise XtalsolveError(f"energy axis in {ax.get('units')!r}, not eV", path)
+        data = np.asarray(sig["data"], float)
+        signal_index = next(i for i, a in enumerate(sig["axes"]) if not a.get("navigate", False))
+        counts = data.reshape(-1) if data.ndim == 1 else np.moveaxis(data, signal_index, -1).reshape(
+            -1, data.shape[signal_index]).sum(axis=0)
+        energy = (ax.get("offset", 0.0) + ax.get("scale", 1.0) * np.arange(len(counts))) * (
+            1000.0 if unit == "kev" else 1.0)
+        meta = {"kind": "eels", "format": path.suffix.lower().lstrip("."),
+                "summed_spectra": int(data.size // len(counts))}
+        return XasSpectrum(energy, counts, str(path), None, None, meta)
+    raise XtalsolveError("no one-dimensional spectrum (one energy axis) in the file", path)
+
+
+def subtract_power_law(spec: XasSpectrum, edge_eV: float | None = None,
+                       window: tuple[float, float] = (-80.0, -8.0)) -> XasSpectrum:
+    """EELS pre-edge background A E^-r, fitted by least squares in log-log on ``window`` (eV relative to the
+    tabulated edge energy, or ``edge_eV``) and subtracted from the whole spectrum. The fitted r and window are
+    added to ``meta["background"]``. Raises when the window holds fewer than 10 points or non-positive counts."""
+    src = spec.source or "spectrum"
+    edge = edge_eV if edge_eV is not None else (edge_energy(spec.element, spec.edge)
+                                                 if spec.element and spec.edge else None)
+    if edge is None:
+        raise XtalsolveError("edge energy unknown (give the absorber and edge) for the EELS background", src)
+    e, y = np.asarray(spec.energy, float), np.asarray(spec.mu, float)
+    m = (e >= edge + window[0]) & (e <= edge + window[1])
+    if m.sum() < 10:
+        raise XtalsolveError(f"{m.sum()} points {-window[0]:.0f}-{-window[1]:.0f} eV below the edge at {edge:.0f} eV: "
+                             "an EELS spectrum must start well before the edge for its power-law background", src)
+    if np.any(y[m] <= 0):
+        raise XtalsolveError("non-positive counts before the edge: not a raw EELS spectrum (background "
+                             "already removed? then read it as --kind xas)", src)
+    slope, intercept = np.polyfit(np.log(e[m]), np.log(y[m]), 1)
+    background = np.exp(intercept) * e ** slope
+    meta = {**spec.meta, "background": {"model": "power law A E^-r", "r": round(float(-slope), 3),
+                                        "window_eV": [round(float(edge + window[0]), 1),
+                                                      round(float(edge + window[1]), 1)]}}
+    return XasSpectrum(e, y - background, spec.source, spec.element, spec.edge, meta)
 
 
 def _numeric_rows(lines: list[str], source) -> np.ndarray:
@@ -137,6 +215,21 @@ def _read_xdi(text: str, source) -> XasSpectrum:
         raise XtalsolveError("mu is not finite everywhere (zero or negative intensities?)", source)
     return XasSpectrum(energy, mu, str(source), header.get("element.symbol"), header.get("element.edge"),
                        {k: v for k, v in header.items() if not k.startswith("column.")})
+
+
+def synthetic_eels(energy: np.ndarray, cross_section: np.ndarray, edge_eV: float, start: float = -100.0,
+                   dispersion: float = 0.25, background_ratio: float = 3.0, r: float = 3.0, step_counts: float = 2e4,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A measured-like EELS core-loss spectrum from a computed edge (``energy`` in eV, ``cross_section`` any units,
+    e.g. FEFF10 ELNES): channels of ``dispersion`` eV from ``start`` eV before ``edge_eV`` to the end of the
+    computed range; the edge scaled to ``step_counts`` counts per channel after it (the mean of its last 20 eV),
+    zero before its first point; a power-law background A E^-r worth ``background_ratio`` edge steps at the edge;
+    Poisson counting noise (seeded). Returns (energy loss, counts). For tests and benchmarks of the ELNES path."""
+    e = np.arange(edge_eV + start, float(energy[-1]), dispersion)
+    edge = np.interp(e, energy, cross_section, left=0.0)
+    edge *= step_counts / cross_section[energy >= energy[-1] - 20.0].mean()
+    background = background_ratio * step_counts * (e / edge_eV) ** -r
+    return e, np.random.default_rng(seed).poisson(edge + background).astype(float)
 
 
 # ------------------------------------------------------------------------------------------------------ checking

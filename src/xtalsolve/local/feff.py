@@ -46,13 +46,31 @@ class FeffSettings:
     xanes_dk: float = 0.07
     exchange: int = 0  # Hedin-Lundqvist
     s02: float = 1.0
+    # "xanes" (xmu.dat) or "elnes": orientation-averaged EELS (eels.dat) of a beam of beam_keV, collection and
+    # convergence semi-angles in mrad; the energy grid is the XANES one
+    spectroscopy: str = "xanes"
+    beam_keV: float = 300.0
+    collection_mrad: float = 10.0
+    convergence_mrad: float = 1.0
 
     def cards(self) -> list[str]:
+        energy = f"{self.xanes_kmax:.2f} {self.xanes_dk:.3f} 0.0"
+        if self.spectroscopy == "xanes":
+            spectrum = [f"XANES {energy}"]
+        elif self.spectroscopy == "elnes":
+            from pymatgen.io.feff.inputs import Tags  # pymatgen writes FEFF's multi-line ELNES card
+
+            spectrum = Tags({"ELNES": {
+                "ENERGY": energy, "BEAM_ENERGY": f"{self.beam_keV:g} 1 0 1",  # orientation averaged, relativistic
+                "ANGLES": f"{self.collection_mrad:g} {self.convergence_mrad:g}", "MESH": "5 3",
+                "POSITION": "0.0 0.0"}}).get_str().splitlines()
+        else:
+            raise XtalsolveError(f"unknown spectroscopy {self.spectroscopy!r} (xanes or elnes)", "FeffSettings")
         return [
             f"SCF {self.scf_radius_A:.3f} 0 30 0.2 1",
             f"FMS {self.fms_radius_A:.3f} 0",
             f"COREHOLE {self.core_hole}",
-            f"XANES {self.xanes_kmax:.2f} {self.xanes_dk:.3f} 0.0",
+            *spectrum,
             f"EXCHANGE {self.exchange} 0.0 0.0",
             "RPATH 0.1",  # no path expansion beyond FMS: the near edge is all full multiple scattering
         ]
@@ -115,6 +133,7 @@ def run_feff(text: str, work_dir: str | Path | None = None) -> tuple[np.ndarray,
     """Run FEFF10 on ``feff.inp`` text. Returns (energy in eV, normalised mu, seconds).
 
     ``energy`` is FEFF's absolute photon energy column (omega); mu is column 4 of xmu.dat (edge-step normalised).
+    For an ELNES input the energy loss and the total EELS cross-section of eels.dat (a_0^2 / eV) instead.
     """
     if not feff_available():
         raise XtalsolveError("FEFF10 is not installed: pip install feff10-rs", "feff10")
@@ -128,15 +147,17 @@ def run_feff(text: str, work_dir: str | Path | None = None) -> tuple[np.ndarray,
         with quiet_stdout():
             config = feff10.FeffConfig(str(wd), feff10.FeffInput.parse(text), stage_timeout=STAGE_TIMEOUT_S)
             result = feff10.FeffPipeline(config).run()
-        table = result.read_xmu()
-        cols = np.array([table.column(i) for i in range(table.ncols)], dtype=float).T  # (rows, columns)
+        elnes = any(ln.strip().upper().startswith("ELNES") for ln in text.splitlines())
+        # xmu.dat: omega, e, k, mu, ...; eels.dat: energy loss, total, atomic background, fine structure
+        table = result.read_eels() if elnes else result.read_xmu()
+        energy, mu = (np.asarray(table.column(i), dtype=float) for i in ((0, 1) if elnes else (0, 3)))
     except Exception as exc:  # FEFF errors carry stage output; keep one line
         raise XtalsolveError(f"FEFF10 failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                              str(wd)) from exc
     finally:
         if own:
             shutil.rmtree(wd, ignore_errors=True)
-    return cols[:, 0], cols[:, 3], time.perf_counter() - t0
+    return energy, mu, time.perf_counter() - t0
 
 
 _QUIET_LOCK = threading.Lock()

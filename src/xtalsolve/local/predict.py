@@ -112,6 +112,9 @@ def predict_local(
     own, else template matching. The Si K model scores better than template matching on every held-out set
     (docs/spectra.md); Fe K has no model and uses the templates.
 
+    An EELS spectrum (``spectrum.meta["kind"] == "eels"``, ELNES) first loses its power-law background
+    (:func:`~xtalsolve.io.spectra.subtract_power_law`); its edge is then read as XANES (the dipole limit).
+
     ``broaden_eV``: Gaussian FWHM applied to the template library's computed spectra before matching (the
     instrumental resolution of a measured spectrum). ``align``: first fit one energy shift, energy-scale stretch
     and broadening of the whole template library to the spectrum (:func:`~xtalsolve.local.baselines.fit_alignment`;
@@ -122,6 +125,10 @@ def predict_local(
     identity, so a computed spectrum keeps (nearly) its own axis; measured Fe K oxides need stretches of
     1.2-1.35 (docs/spectra.md). When a template library exists, ``mixture`` (a linear-combination fit over it,
     :func:`site_mixture`) is reported by both methods."""
+    if spectrum.meta.get("kind") == "eels":
+        from xtalsolve.io.spectra import subtract_power_law
+
+        spectrum = subtract_power_law(spectrum)
     norm = normalize(spectrum)
     ckpt = Path(checkpoint) if checkpoint else default_checkpoint_path(absorber, edge)
     lib_path = Path(library) if library else default_library_path(absorber, edge)
@@ -129,7 +136,7 @@ def predict_local(
         raise XtalsolveError("method must be auto, diffusion or template", "--method")
     use_model = method == "diffusion" or (method == "auto" and ckpt.exists() and (checkpoint is not None
                                                                                   or library is None))
-    extra = {"e0_eV": norm.e0, "edge_step": norm.edge_step}
+    extra = {"e0_eV": norm.e0, "edge_step": norm.edge_step, "normalized": norm}
     lib = _template_library(lib_path, absorber, edge, required=not use_model or bool(align))
     fitted = matcher = None
     if lib is not None:
@@ -166,7 +173,9 @@ def predict_local(
         name = "template matching (nearest library spectra)"
     extra["features"] = feats
     summary = {"method": name, "absorber": absorber, "edge": edge, **consensus(clusters, ligand),
-               "e0_eV": round(norm.e0, 2), "source": spectrum.source}
+               "e0_eV": round(norm.e0, 2), "source": spectrum.source, "spectrum_kind": spectrum.meta.get("kind", "xas")}
+    if "background" in spectrum.meta:
+        summary["eels_background"] = spectrum.meta["background"]
     if matcher is not None:
         summary["mixture"] = mixture
     if "alignment" in extra:
@@ -189,9 +198,9 @@ def representative_sample(clusters: list[Cluster], summary: dict, ligand: str = 
 
 
 def simulate_prediction(pred: LocalPrediction, settings=None) -> dict:
-    """FEFF10 XANES of the predicted first shell: the absorber and the ligands of :func:`representative_sample`
-    (no farther atoms: the models predict the first shell), normalised like the input and compared with it on the
-    same energy grid (Pearson r). Adds ``simulated`` (features on ``grid``) to ``pred.extra`` and returns the
+    """FEFF10 XANES (ELNES for an EELS input) of the predicted first shell: the absorber and the ligands of
+    :func:`representative_sample` (no farther atoms: the models predict the first shell), normalised like the
+    input and compared with it on the same energy grid (Pearson r). Adds ``simulated`` (features on ``grid``) to ``pred.extra`` and returns the
     summary entry. One FEFF run with the library's settings (a few seconds for 5-7 atoms).
 
     The farther shells, which shape the spectrum above the white line, are absent, so r measures the first shell's
@@ -208,7 +217,8 @@ def simulate_prediction(pred: LocalPrediction, settings=None) -> dict:
     if len(idx) == 0:
         raise XtalsolveError("the predicted cluster has no first shell to simulate", "--simulate")
     shell = Cluster((cl.absorber,) + (ligand,) * len(idx), np.vstack([np.zeros(3), cl.positions[idx]]))
-    settings = settings or FeffSettings(edge=pred.summary["edge"])
+    kind = "elnes" if pred.summary.get("spectrum_kind") == "eels" else "xanes"
+    settings = settings or FeffSettings(edge=pred.summary["edge"], spectroscopy=kind)
     t0 = time.perf_counter()
     energy, mu, _ = run_feff(feff_input(shell, settings, title="xtalsolve local --simulate"))
     grid = np.asarray(pred.extra["grid"])
@@ -254,7 +264,7 @@ def _plot(pred: LocalPrediction, spectrum: XasSpectrum, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    norm = normalize(spectrum)
+    norm = pred.extra.get("normalized") or normalize(spectrum)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     a1.plot(norm.energy - norm.e0, norm.norm, "k-", lw=1.5, label="input (normalised)")
     if "template_features" in pred.extra:
