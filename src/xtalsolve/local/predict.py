@@ -200,8 +200,9 @@ def representative_sample(clusters: list[Cluster], summary: dict, ligand: str = 
 def simulate_prediction(pred: LocalPrediction, settings=None) -> dict:
     """FEFF10 XANES (ELNES for an EELS input) of the predicted first shell: the absorber and the ligands of
     :func:`representative_sample` (no farther atoms: the models predict the first shell), normalised like the
-    input and compared with it on the same energy grid (Pearson r). Adds ``simulated`` (features on ``grid``) to ``pred.extra`` and returns the
-    summary entry. One FEFF run with the library's settings (a few seconds for 5-7 atoms).
+    input and compared with it on the same energy grid (Pearson r). Adds ``simulated`` (features on ``grid``) to
+    ``pred.extra`` and returns the summary entry. One FEFF run with the library's settings (a few seconds for 5-7
+    atoms).
 
     The farther shells, which shape the spectrum above the white line, are absent, so r measures the first shell's
     share of the agreement: a check that the predicted shell is consistent with the edge, not a refinement."""
