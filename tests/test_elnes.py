@@ -9,29 +9,19 @@ import numpy as np
 import pytest
 
 from xtalsolve.errors import XtalsolveError
-from xtalsolve.io.spectra import (XasSpectrum, normalize, read_spectrum, subtract_power_law, synthetic_eels)
+from xtalsolve.io.spectra import (XasSpectrum, normalize, read_spectrum, subtract_power_law, synthetic_eels,
+                                  write_eels_msa)
 
 DATA = Path(__file__).parent / "data" / "spectra"
 QUARTZ = np.loadtxt(DATA / "quartz_si_k_feff.txt")  # FEFF10 Si K XANES of alpha-quartz (energy eV, mu)
 FEFF = __import__("xtalsolve.local.feff", fromlist=["x"]).feff_available()
 
 
-def write_msa(path: Path, energy: np.ndarray, counts: np.ndarray) -> Path:
-    """An EMSA/MSA file written by RosettaSciIO (the format's reference reader/writer)."""
-    from rsciio.msa import file_writer
-
-    axis = {"size": len(counts), "offset": float(energy[0]), "scale": float(energy[1] - energy[0]), "units": "eV",
-            "name": "Energy loss", "navigate": False}
-    file_writer(str(path), {"data": counts, "axes": [axis], "original_metadata": {},
-                            "metadata": {"General": {"title": "test"}, "Signal": {"signal_type": "EELS"}}})
-    return path
-
-
 def test_msa_round_trip_and_power_law_background(tmp_path):
     """Quartz's edge on a power-law background (r = 3, three edge steps at the edge) with counting noise, through
     an MSA file: the fitted r is the true one and the background-free edge normalises to the computed XANES."""
     e, counts = synthetic_eels(QUARTZ[:, 0], QUARTZ[:, 1], 1839.0, r=3.0, background_ratio=3.0, seed=1)
-    spec = read_spectrum(write_msa(tmp_path / "q.msa", e, counts), "Si", "K")
+    spec = read_spectrum(write_eels_msa(tmp_path / "q.msa", e, counts), "Si", "K")
     assert spec.meta["kind"] == "eels" and np.allclose(spec.energy, e, atol=1e-6) and np.allclose(spec.mu, counts)
     clean = subtract_power_law(spec)
     assert clean.meta["background"]["r"] == pytest.approx(3.0, abs=0.1)
@@ -59,7 +49,7 @@ def test_eels_bad_input_one_line_errors(tmp_path):
 def test_cli_local_reads_elnes(tmp_path):
     """`xtalsolve local q.msa`: EELS by extension, background removed, quartz's first shell (CN 4, Si-O 1.61 A)."""
     e, counts = synthetic_eels(QUARTZ[:, 0], QUARTZ[:, 1], 1839.0, seed=2)
-    msa = write_msa(tmp_path / "q.msa", e, counts)
+    msa = write_eels_msa(tmp_path / "q.msa", e, counts)
     out = tmp_path / "o"
     r = subprocess.run([sys.executable, "-m", "xtalsolve.cli", "local", str(msa), "--absorber", "Si", "--samples",
                         "3", "--method", "template", "--library", str(DATA / "si_k_library_small.npz"), "--out",

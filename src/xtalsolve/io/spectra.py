@@ -126,6 +126,18 @@ def _read_eels(path: Path) -> XasSpectrum:
     raise XtalsolveError("no one-dimensional spectrum (one energy axis) in the file", path)
 
 
+def write_eels_msa(path: str | Path, energy: np.ndarray, counts: np.ndarray, title: str = "xtalsolve") -> Path:
+    """Write an EELS spectrum (uniform energy-loss axis in eV, counts) as EMSA/MSA through RosettaSciIO."""
+    from rsciio.msa import file_writer
+
+    energy = np.asarray(energy, float)
+    axis = {"size": len(counts), "offset": float(energy[0]), "scale": float(energy[1] - energy[0]), "units": "eV",
+            "name": "Energy loss", "navigate": False}
+    file_writer(str(path), {"data": np.asarray(counts, float), "axes": [axis], "original_metadata": {},
+                            "metadata": {"General": {"title": title}, "Signal": {"signal_type": "EELS"}}})
+    return Path(path)
+
+
 def subtract_power_law(spec: XasSpectrum, edge_eV: float | None = None,
                        window: tuple[float, float] = (-80.0, -8.0)) -> XasSpectrum:
     """EELS pre-edge background A E^-r, fitted by least squares in log-log on ``window`` (eV relative to the
