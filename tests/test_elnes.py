@@ -78,3 +78,15 @@ def test_feff_elnes_is_the_xanes_in_the_dipole_limit():
     assert np.corrcoef(*spectra)[0, 1] > 0.999
     with pytest.raises(XtalsolveError, match="unknown spectroscopy"):
         FeffSettings(spectroscopy="xes").cards()
+
+
+def test_low_energy_eels_edge_is_not_taken_for_kev(tmp_path):
+    """Li K (55 eV) in EELS ends below 100 eV, which for an X-ray edge would mean keV; with the edge known it reads."""
+    e = np.arange(20.0, 90.0, 0.1)
+    counts = 1e6 * (e / 20.0) ** -3 + 2e3 / (1 + np.exp(-(e - 55.0) / 0.5))
+    path = write_eels_msa(tmp_path / "li.msa", e, counts)
+    spec = read_spectrum(path, "Li", "K")
+    assert spec.meta["kind"] == "eels"
+    assert subtract_power_law(spec).meta["background"]["r"] == pytest.approx(3.0, abs=0.05)
+    with pytest.raises(XtalsolveError, match="keV"):
+        read_spectrum(path)  # no edge known: the keV check stands

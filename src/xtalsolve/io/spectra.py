@@ -257,16 +257,15 @@ def check_spectrum(spec: XasSpectrum) -> XasSpectrum:
     mu = mu[idx]
     if len(e) < MIN_POINTS:
         raise XtalsolveError(f"too short: {len(e)} points (need >= {MIN_POINTS})", src)
-    if e[-1] < 100.0:
+    ref = edge_energy(spec.element, spec.edge) if spec.element and spec.edge else None
+    if e[-1] < 100.0 and (ref is None or ref >= 100.0):  # edges below 100 eV (Li K in EELS) do end there
         raise XtalsolveError(f"energies end at {e[-1]:.4g}: looks like keV or relative energies; give absolute "
                              "photon energies in eV", src)
     if e[-1] - e[0] < MIN_SPAN_EV:
         raise XtalsolveError(f"too short: spans {e[-1] - e[0]:.1f} eV (need >= {MIN_SPAN_EV:.0f} eV)", src)
-    if spec.element and spec.edge:
-        ref = edge_energy(spec.element, spec.edge)
-        if ref is not None and not (e[0] - 100 <= ref <= e[-1] + 100):
-            raise XtalsolveError(f"energy range {e[0]:.1f}-{e[-1]:.1f} eV does not contain the {spec.element} "
-                                 f"{spec.edge} edge ({ref:.1f} eV); wrong units or wrong element?", src)
+    if ref is not None and not (e[0] - 100 <= ref <= e[-1] + 100):
+        raise XtalsolveError(f"energy range {e[0]:.1f}-{e[-1]:.1f} eV does not contain the {spec.element} "
+                             f"{spec.edge} edge ({ref:.1f} eV); wrong units or wrong element?", src)
     return XasSpectrum(e, mu, spec.source, spec.element, spec.edge, spec.meta)
 
 
