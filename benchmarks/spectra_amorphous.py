@@ -11,7 +11,8 @@ Inputs (all committed): the melt-quench glasses ``data/amorphous/glass_s*.cif``,
 3. the EXAFS-style first-shell fit on the crystalline test split and the amorphous set (one FEFF EXAFS run each;
    ``--exafs N`` limits the amorphous entries), under three conditions: FEFF's chi with S02 known and no noise,
    fitted in k-space (optimistic); the same fitted in R-space over the first-shell peak; and realistic data
-   (``REALISTIC_EXAFS``: S02 known to +-10 %, thermal sigma2, 5 % noise, R-space fit);
+   (``REALISTIC_EXAFS``: S02 known to +-10 %, thermal sigma2, 5 % noise, R-space fit); the reference path is
+   the first shell of the most regular unperturbed four-fold training site (``exafs_reference``);
 4. the diffusion model (8 samples per spectrum; amorphous also by true CN): the shipped checkpoint ``src/xtalsolve/local/data/edm_Si_K.pt``
    (trained on the crystalline train split only) unless ``--checkpoint`` names another; ``--no-model`` skips it.
    Template matching and the model are also scored on the crystalline val split (a second held-out material).
@@ -93,7 +94,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from xtalsolve.local.evaluate import (evaluate_exafs, evaluate_model, evaluate_template, evaluate_template_lomo,
-                                          exafs_chis)
+                                          exafs_chis, exafs_reference)
     from xtalsolve.local.library import SpectrumLibrary, build_library
     from xtalsolve.local.predict import default_checkpoint_path
 
@@ -147,7 +148,7 @@ def main() -> None:
 
         from xtalsolve.local.baselines import IDEAL_EXAFS, REALISTIC_EXAFS
 
-        ref = train.cluster(next(i for i, m in enumerate(train.meta) if not m.get("perturbation")), absorber)
+        ref = exafs_reference(train, absorber)
         n = len(amorphous) if args.exafs is None else min(args.exafs, len(amorphous))
         chis = {"crystalline test": exafs_chis(test, absorber), f"amorphous ({n})": exafs_chis(amorphous, absorber, n)}
         conditions = {"EXAFS-style fit": IDEAL_EXAFS,

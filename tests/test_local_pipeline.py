@@ -176,6 +176,19 @@ def _synthetic_path():
     return k, 0.6 * np.exp(-((k - 4.0) ** 2) / 30.0), -1.2 - 0.25 * k, 1.5 + 0.8 * k
 
 
+def test_exafs_reference_is_the_most_regular_unperturbed_shell():
+    from xtalsolve.local.evaluate import exafs_reference
+
+    lib = SpectrumLibrary.load(DATA_DIR / "library_Si_K.npz").split("train")
+    ref = exafs_reference(lib, "Si")
+    shell = first_shell(ref)
+    assert shell.coordination_number == 4 and not ref.meta.get("perturbation")
+    others = [first_shell(lib.cluster(i, "Si")) for i, m in enumerate(lib.meta) if not m.get("perturbation")]
+    assert np.std(shell.bond_lengths_A) <= min(np.std(o.bond_lengths_A) for o in others if o.coordination_number == 4)
+    with pytest.raises(XtalsolveError, match="no unperturbed 9-fold"):
+        exafs_reference(lib, "Si", cn=9)
+
+
 def test_r_space_fit_recovers_the_first_shell_beside_a_second_one():
     k, amp, phase, lam = _synthetic_path()
     chi = shell_chi(k, 4.0, 1.61, 0.0025, amp, phase, lam) + shell_chi(k, 4.0, 3.10, 0.005, amp, phase, lam)

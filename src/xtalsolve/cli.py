@@ -306,9 +306,9 @@ def spectra_evaluate(
         rows[f"diffusion ({samples} samples)"] = evaluate_model(model, cfg, test, absorber, samples=samples)
     if exafs > 0:
         from xtalsolve.local.baselines import IDEAL_EXAFS, REALISTIC_EXAFS
-        from xtalsolve.local.evaluate import evaluate_exafs, exafs_chis
+        from xtalsolve.local.evaluate import evaluate_exafs, exafs_chis, exafs_reference
 
-        ref = train_lib.cluster(next(i for i, m in enumerate(train_lib.meta) if not m.get("perturbation")), absorber)
+        ref = exafs_reference(train_lib, absorber)
         chis = exafs_chis(test, absorber, exafs)
         for name, cond in (("ideal", IDEAL_EXAFS), ("realistic", REALISTIC_EXAFS)):
             rows[f"EXAFS-style fit, {name} ({len(chis)})"] = evaluate_exafs(test, absorber, ref, conditions=cond,

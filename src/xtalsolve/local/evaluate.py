@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from xtalsolve.errors import XtalsolveError
 from xtalsolve.local.clusters import FirstShell, first_shell
 from xtalsolve.local.library import SpectrumLibrary
 from xtalsolve.local.metrics import score
@@ -63,6 +64,21 @@ def evaluate_model(model, cfg: dict, test: SpectrumLibrary, absorber: str, ligan
                    seed: int = 0) -> dict:
     """Diffusion model: scores of the consensus of ``samples`` sampled first shells per test spectrum."""
     return score(model_shells(model, cfg, test, absorber, ligand, samples, seed), truths(test, absorber, ligand))
+
+
+def exafs_reference(train: SpectrumLibrary, absorber: str, ligand: str = "O", cn: int = 4):
+    """The EXAFS analyst's model compound: among the unperturbed training clusters whose first shell has ``cn``
+    ligands, the most regular one (smallest spread of bond lengths; the first of equals). Raises when none has."""
+    best, spread = None, np.inf
+    for i, m in enumerate(train.meta):
+        if m.get("perturbation"):
+            continue
+        shell = first_shell(train.cluster(i, absorber), ligand)
+        if shell.coordination_number == cn and float(np.std(shell.bond_lengths_A)) < spread:
+            best, spread = i, float(np.std(shell.bond_lengths_A))
+    if best is None:
+        raise XtalsolveError(f"no unperturbed {cn}-fold {absorber} site in the training spectra", "EXAFS reference")
+    return train.cluster(best, absorber)
 
 
 def exafs_chis(test: SpectrumLibrary, absorber: str, limit: int | None = None) -> list[np.ndarray]:
