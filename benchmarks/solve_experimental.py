@@ -10,13 +10,13 @@ the published structure (pymatgen StructureMatcher at the strict defaults 0.3 / 
 which the manifest's wavelength_check supports for all but graphite. The diffusion model was not tuned on these
 cases. The symmetric generator's cell prescan, small-cell trials and parameter price were developed while probing
 five of them (xred_MnS, xred_Tibcc, xred_ZnS, xred_Zr, xred_CdS), so for that generator those five are not
-independent tests. With --generator prototype, --leave-out-compound drops each case's own compound from the
+independent tests. With --generator prototype (or prototype+diffusion), --leave-out-compound drops each case's own compound from the
 prototype library (as a representative cell and as a member to compare chemistry with): these are known
 compounds, often in the training pool, and without it the benchmark measures look-up as much as solving.
 --library picks the prototype library (default extended, as the CLI; runs before session 8 used mp20).
 
     nice python benchmarks/solve_experimental.py [--cases id1,id2] [--samples 32] [--seed 0]
-        [--generator prototype|symmetric|diffusion|both] [--leave-out-compound] [--library extended|mp20]
+        [--generator prototype|symmetric|diffusion|both|prototype+diffusion] [--leave-out-compound] [--library extended|mp20]
         [--tag _name]
 
 Cases run smallest primitive cell first. Resumable: finished cases are kept in benchmarks/results/solve_experimental.jsonl (runs in
@@ -62,7 +62,8 @@ def main() -> None:
 
     from xtalsolve.io import read_pattern
     from xtalsolve.prototypes import LIBRARIES, prototype_generator
-    from xtalsolve.solve import GENERATORS, SolveSettings, make_generator, shipped_checkpoint, solve
+    from xtalsolve.solve import (GENERATORS, SolveSettings, diffusion_generator, make_generator, mixed_generator,
+                                 shipped_checkpoint, solve)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="", help="comma-separated case ids (default: all in scope)")
@@ -111,6 +112,10 @@ def main() -> None:
             start = time.perf_counter()
             if args.generator == "prototype":
                 generate = prototype_generator(leave_out_compound=args.leave_out_compound, library_name=args.library)
+            elif args.generator == "prototype+diffusion":  # the library part with the case's compound left out too
+                generate = mixed_generator([
+                    (prototype_generator(leave_out_compound=args.leave_out_compound, library_name=args.library), 0.5),
+                    (diffusion_generator(shipped_checkpoint(), pattern, args.steps, guided=True), 0.5)])
             else:
                 generate = make_generator(args.generator, shipped_checkpoint(), pattern, args.steps, guided=True)
             try:
@@ -139,7 +144,7 @@ def main() -> None:
     table = {
         "samples": args.samples, "steps": args.steps, "seed": args.seed, "generator": args.generator, "refine_top": args.refine_top,
         "leave_out_compound": args.leave_out_compound,
-        "library": args.library if args.generator == "prototype" else None,
+        "library": args.library if args.generator in ("prototype", "prototype+diffusion") else None,
         "checkpoint": None if args.generator in ("symmetric", "prototype")
         else f"{shipped_checkpoint().name} (shipped)",
         "cases": list(done.values()),
