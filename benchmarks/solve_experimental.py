@@ -10,14 +10,14 @@ the published structure (pymatgen StructureMatcher at the strict defaults 0.3 / 
 which the manifest's wavelength_check supports for all but graphite. The diffusion model was not tuned on these
 cases. The symmetric generator's cell prescan, small-cell trials and parameter price were developed while probing
 five of them (xred_MnS, xred_Tibcc, xred_ZnS, xred_Zr, xred_CdS), so for that generator those five are not
-independent tests. With --generator prototype (or prototype+diffusion), --leave-out-compound drops each case's own compound from the
-prototype library (as a representative cell and as a member to compare chemistry with): these are known
-compounds, often in the training pool, and without it the benchmark measures look-up as much as solving.
+independent tests. With --generator prototype (or prototype+diffusion), --leave-out-compound drops each case's own
+compound from the prototype library (as a representative cell and as a member to compare chemistry with): these are
+known compounds, often in the training pool, and without it the benchmark measures look-up as much as solving.
 --library picks the prototype library (default extended, as the CLI; runs before session 8 used mp20).
 
     nice python benchmarks/solve_experimental.py [--cases id1,id2] [--samples 32] [--seed 0]
-        [--generator prototype|symmetric|diffusion|both|prototype+diffusion] [--leave-out-compound] [--library extended|mp20]
-        [--tag _name]
+        [--generator prototype|symmetric|diffusion|both|prototype+diffusion] [--leave-out-compound]
+        [--library extended|mp20] [--tag _name]
 
 Cases run smallest primitive cell first. Resumable: finished cases are kept in benchmarks/results/solve_experimental.jsonl (runs in
 benchmarks/results/solve_experimental_runs/); the table goes to benchmarks/results/solve_experimental.json.

@@ -153,10 +153,14 @@ def chi_r(k, chi, r, kweight: int = 2, kmin: float = 3.0, kmax: float = 12.0, dk
     (angstrom; the first-shell peak sits ~0.3-0.5 angstrom below the bond length, the phase shift). ``k`` must be
     uniform. Written out here (a dense sum, ~100 R x 200 k) because it is one line and it is linear in chi, which
     the R-space fit uses; Larch's ``xftf`` computes the same transform but brings a large dependency."""
-    k, chi, r = np.asarray(k, float), np.asarray(chi, float), np.asarray(r, float)
-    step = float(k[1] - k[0])
-    weighted = k**kweight * chi * kspace_window(k, kmin, kmax, dk)
-    return np.exp(2j * np.outer(r, k)) @ weighted * step / np.sqrt(np.pi)
+    return fourier_matrix(k, r, kweight, kmin, kmax, dk) @ np.asarray(chi, float)
+
+
+def fourier_matrix(k, r, kweight: int = 2, kmin: float = 3.0, kmax: float = 12.0, dk: float = 1.0) -> np.ndarray:
+    """The (len(r), len(k)) complex matrix of :func:`chi_r` (weight, window and step included): chi(R) = M chi(k)."""
+    k, r = np.asarray(k, float), np.asarray(r, float)
+    weight = k**kweight * kspace_window(k, kmin, kmax, dk) * float(k[1] - k[0]) / np.sqrt(np.pi)
+    return np.exp(2j * np.outer(r, k)) * weight
 
 
 def fit_first_shell(k, chi, amp, phase, lam, kweight: int = 2, s02: float = 1.0,
@@ -184,9 +188,7 @@ def fit_first_shell(k, chi, amp, phase, lam, kweight: int = 2, s02: float = 1.0,
     else:
         lo = float(k[0]) + 0.5 if kmin is None else kmin
         hi = float(k[-1]) - 0.5 if kmax is None else kmax
-        r_grid = np.arange(r_window[0], r_window[1] + 1e-9, 0.02)
-        step = float(k[1] - k[0])
-        transform = np.exp(2j * np.outer(r_grid, k)) * (k**kweight * kspace_window(k, lo, hi) * step / np.sqrt(np.pi))
+        transform = fourier_matrix(k, np.arange(r_window[0], r_window[1] + 1e-9, 0.02), kweight, lo, hi)
 
         def resid(p):
             z = transform @ (model(p) - chi)
