@@ -286,6 +286,15 @@ def test_cli_spectra_evaluate(tmp_path):
 
 @pytest.mark.skipif(not __import__("xtalsolve.local.feff", fromlist=["x"]).feff_available(),
                     reason="feff10-rs not installed")
+def test_cli_spectra_evaluate_with_exafs_rows(tmp_path):
+    r = run_cli("spectra", "evaluate", "--library", str(DATA / "si_k_library_small.npz"), "--split", "val",
+                "--exafs", "1", "--out", str(tmp_path / "t.md"))
+    assert r.returncode == 0, r.stderr
+    assert "EXAFS-style fit, ideal (1)" in r.stdout and "EXAFS-style fit, realistic (1)" in r.stdout
+
+
+@pytest.mark.skipif(not __import__("xtalsolve.local.feff", fromlist=["x"]).feff_available(),
+                    reason="feff10-rs not installed")
 def test_exafs_fit_of_feff_chi_recovers_the_tetrahedron():
     """FEFF's own chi(k) of an SiO4 tetrahedron, fitted with FEFF's path functions: N = 4, R = 1.61 A."""
     from xtalsolve.local.baselines import first_shell_path
