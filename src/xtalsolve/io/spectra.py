@@ -107,17 +107,15 @@ def _read_eels(path: Path) -> XasSpectrum:
         raise XtalsolveError(f"cannot read as EELS: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                              path) from None
     for sig in signals:
-        axes = [a for a in sig["axes"] if not a.get("navigate", False)]
-        if len(axes) != 1:
+        signal_axes = [i for i, a in enumerate(sig["axes"]) if not a.get("navigate", False)]
+        if len(signal_axes) != 1:
             continue
-        ax = axes[0]
+        ax = sig["axes"][signal_axes[0]]
         unit = str(ax.get("units", "")).strip().lower()
         if unit not in ("ev", "kev"):
             raise XtalsolveError(f"energy axis in {ax.get('units')!r}, not eV", path)
         data = np.asarray(sig["data"], float)
-        signal_index = next(i for i, a in enumerate(sig["axes"]) if not a.get("navigate", False))
-        counts = data.reshape(-1) if data.ndim == 1 else np.moveaxis(data, signal_index, -1).reshape(
-            -1, data.shape[signal_index]).sum(axis=0)
+        counts = np.moveaxis(data, signal_axes[0], -1).reshape(-1, data.shape[signal_axes[0]]).sum(axis=0)
         energy = (ax.get("offset", 0.0) + ax.get("scale", 1.0) * np.arange(len(counts))) * (
             1000.0 if unit == "kev" else 1.0)
         meta = {"kind": "eels", "format": path.suffix.lower().lstrip("."),

@@ -292,13 +292,12 @@ def first_shell_path(cluster: Cluster, ligand: str = "O", edge: str = "K", kmax:
                                                                                                       np.ndarray]:
     """FEFF10 single-scattering path to the first ``ligand`` shell of ``cluster`` and FEFF's chi(k) of that shell
     alone (absorber + first shell, no SCF: the first-shell path functions barely depend on it)."""
-    from xtalsolve.local.clusters import first_shell_indices
+    from xtalsolve.local.clusters import first_shell_cluster
 
-    idx = first_shell_indices(cluster, ligand)
-    if len(idx) == 0:
+    shell = first_shell_cluster(cluster, ligand)
+    if len(shell) == 1:
         raise XtalsolveError(f"no {ligand} in the first shell", "cluster")
-    shell = Cluster((cluster.absorber,) + (ligand,) * len(idx), np.vstack([np.zeros(3), cluster.positions[idx]]))
-    paths, chi = feff_exafs(shell, float(cluster.distances[idx].max()) + 0.05, edge, kmax)
+    paths, chi = feff_exafs(shell, float(shell.distances[1:].max()) + 0.05, edge, kmax)
     return paths[0], chi
 
 

@@ -126,6 +126,12 @@ def first_shell_indices(cluster: Cluster, ligand: str = "O", cutoff: float | Non
     return idx[np.argsort(d[idx], kind="stable")]
 
 
+def first_shell_cluster(cluster: Cluster, ligand: str = "O") -> Cluster:
+    """The absorber and its first-shell ``ligand`` atoms only (nearest first), as a cluster of its own."""
+    idx = first_shell_indices(cluster, ligand)
+    return Cluster((cluster.absorber,) + (ligand,) * len(idx), np.vstack([np.zeros(3), cluster.positions[idx]]))
+
+
 def bond_angles(vectors: np.ndarray) -> np.ndarray:
     """All ligand-absorber-ligand angles (degrees) between the given bond vectors (M, 3), sorted."""
     u = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)

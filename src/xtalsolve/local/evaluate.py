@@ -74,8 +74,9 @@ def exafs_reference(train: SpectrumLibrary, absorber: str, ligand: str = "O", cn
         if m.get("perturbation"):
             continue
         shell = first_shell(train.cluster(i, absorber), ligand)
-        if shell.coordination_number == cn and float(np.std(shell.bond_lengths_A)) < spread:
-            best, spread = i, float(np.std(shell.bond_lengths_A))
+        sd = float(np.std(shell.bond_lengths_A)) if shell.coordination_number == cn else np.inf
+        if sd < spread:
+            best, spread = i, sd
     if best is None:
         raise XtalsolveError(f"no unperturbed {cn}-fold {absorber} site in the training spectra", "EXAFS reference")
     return train.cluster(best, absorber)

@@ -208,26 +208,26 @@ def simulate_prediction(pred: LocalPrediction, settings=None) -> dict:
     share of the agreement: a check that the predicted shell is consistent with the edge, not a refinement."""
     import time
 
-    from xtalsolve.local.clusters import first_shell_indices
+    from dataclasses import asdict
+
+    from xtalsolve.local.clusters import first_shell_cluster
     from xtalsolve.local.feff import FeffSettings, feff_input, run_feff
 
     ligand = pred.summary.get("ligand", "O")
     i = representative_sample(pred.clusters, pred.summary, ligand)
-    cl = pred.clusters[i]
-    idx = first_shell_indices(cl, ligand)
-    if len(idx) == 0:
+    shell = first_shell_cluster(pred.clusters[i], ligand)
+    if len(shell) == 1:
         raise XtalsolveError("the predicted cluster has no first shell to simulate", "--simulate")
-    shell = Cluster((cl.absorber,) + (ligand,) * len(idx), np.vstack([np.zeros(3), cl.positions[idx]]))
     kind = "elnes" if pred.summary.get("spectrum_kind") == "eels" else "xanes"
     settings = settings or FeffSettings(edge=pred.summary["edge"], spectroscopy=kind)
     t0 = time.perf_counter()
     energy, mu, _ = run_feff(feff_input(shell, settings, title="xtalsolve local --simulate"))
     grid = np.asarray(pred.extra["grid"])
-    sim = normalize(XasSpectrum(energy, mu, "FEFF10", cl.absorber, pred.summary["edge"])).on_grid(grid)
+    sim = normalize(XasSpectrum(energy, mu, "FEFF10", shell.absorber, pred.summary["edge"])).on_grid(grid)
     pred.extra["simulated"] = sim
     r = float(np.corrcoef(sim, np.asarray(pred.extra["features"]))[0, 1])
     return {"sample": i, "atoms": len(shell), "pearson_r": round(r, 4), "seconds": round(time.perf_counter() - t0, 1),
-            "code": "FEFF10 (feff10-rs)", "settings": settings.__dict__,
+            "code": "FEFF10 (feff10-rs)", "settings": asdict(settings),
             "note": "absorber and predicted first shell only; farther shells are absent"}
 
 
