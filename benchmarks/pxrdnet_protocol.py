@@ -2,8 +2,8 @@
 
     python benchmarks/pxrdnet_protocol.py --checkpoint runs/full_gpu/best.pt [--n 200] [--size 10 100]
         [--set pxrdnet|mp20]
-        [--candidates 10] [--arms prior conditioned guided symmetric guided+symmetric prototype prototype+guided]
-        [--steps 200]
+        [--candidates 10] [--arms prior conditioned guided symmetric guided+symmetric prototype prototype+guided
+        prototype_then_guided] [--steps 200]
 
 Materials: the first --n ids of ../shared/data/benchmarks/pxrdnet_test_ids.txt, structures as PXRDnet stored them.
 Patterns simulated the way PXRDnet did (research/pxrd-anchors.md): Cu Kalpha, conventional standard cell, stick
@@ -18,7 +18,9 @@ edge; lorentzian is the solver's default for measured data) as a user tells it t
 diffusion model unconditioned (prior),
 conditioned on the pattern, conditioned and guided by it; random symmetric crystals alone (symmetric: no model);
 half guided diffusion, half symmetric (guided+symmetric); structure types of the training pool with the elements
-substituted, then symmetric crystals (prototype, the default of `xtalsolve solve`); half library, half guided
+substituted, then symmetric crystals (prototype, `xtalsolve solve --second-pass-r-bragg 0`); the same with a
+second pass from the guided model when the rank 1 refines to an R_Bragg above --second-pass-r-bragg
+(prototype_then_guided, the default of `xtalsolve solve` since session 26); half library, half guided
 diffusion (prototype+guided, `xtalsolve solve --generator prototype+diffusion`). The prototype library follows
 the protocol (--library): for --set pxrdnet the "extended" one, the types of the PXRDnet protocol's training pool
 (no benchmark id nor any listed duplicate); for --set mp20 and mp20_val the "mp20" one, from mp20_train alone
@@ -39,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ARMS = ("prior", "conditioned", "guided", "symmetric", "guided+symmetric", "prototype", "prototype+guided")
+ARMS = ("prior", "conditioned", "guided", "symmetric", "guided+symmetric", "prototype", "prototype+guided",
+        "prototype_then_guided")
 
 
 def pxrdnet_pattern(structure, size_A: float, rng: np.random.Generator, wavelength: float = 1.54184):
@@ -123,6 +126,10 @@ def main() -> None:
     parser.add_argument("--fill", choices=FILLS, default="symmetric",
                         help="prototype arm: candidates once the library runs out (diffusion and both use "
                              "--checkpoint, guided)")
+    parser.add_argument("--second-pass-r-bragg", type=float, default=SolveSettings.second_pass_r_bragg,
+                        help="prototype_then_guided arm: the guided model's second pass when the prototype run's "
+                             "rank 1 refines to an R_Bragg above this (SolveSettings.second_pass_r_bragg)")
+    parser.add_argument("--second-pass-samples", type=int, default=SolveSettings.second_pass_samples)
     parser.add_argument("--set", choices=("pxrdnet", "mp20", "mp20_val"), default="pxrdnet",
                         help="pxrdnet: the first --n benchmark ids; mp20: a random --n of mp20_test, seeded by "
                              "--seed (the MP-20 protocol; use --candidates 20 for @20), results mp20_protocol*; "
@@ -139,7 +146,7 @@ def main() -> None:
     from xtalsolve.data.structures import Pool
     from xtalsolve.metrics import TOLERANCES, match
     from xtalsolve.pattern import Pattern
-    from xtalsolve.solve import diffusion_generator, make_generator, mixed_generator, solve
+    from xtalsolve.solve import diffusion_generator, lazy_generator, make_generator, mixed_generator, solve
     from xtalsolve.prototypes import prototype_generator
     from xtalsolve.symmetric import symmetric_generator
 
@@ -173,12 +180,16 @@ def main() -> None:
                 if (material, size, arm) in done or (only is not None and material not in only):
                     continue
                 start = time.perf_counter()
+                second = None
                 if arm == "symmetric":
                     generate = symmetric_generator()
                 elif arm == "prototype+guided":  # the solver's prototype+diffusion generator
                     generate = make_generator("prototype+diffusion", args.checkpoint, pattern, args.steps,
                                               size_hint_A=size, library=args.library, fill=args.fill)
-                elif arm == "prototype":
+                elif arm in ("prototype", "prototype_then_guided"):
+                    if arm == "prototype_then_guided":  # as xtalsolve solve: the guided model when nothing fits
+                        second = lazy_generator(lambda: diffusion_generator(args.checkpoint, pattern, args.steps,
+                                                                            size_hint_A=size))
                     fill = None if args.fill == "symmetric" else make_generator(
                         args.fill, args.checkpoint, pattern, args.steps, size_hint_A=size)
                     generate = prototype_generator(fill=fill, library_name=args.library,
@@ -194,9 +205,12 @@ def main() -> None:
                                          rank_by=args.rank_by, fit_structure=args.fit_structure,
                                          fit_nuisances=args.fit_nuisances, restart_top=args.restarts[0],
                                          restarts=args.restarts[1], restart_within=args.restart_within,
-                                         refine_top=args.refine_top, scan_top=args.scan)
+                                         refine_top=args.refine_top, scan_top=args.scan,
+                                         second_pass_r_bragg=args.second_pass_r_bragg,
+                                         second_pass_samples=args.second_pass_samples)
                 try:
-                    summary = solve(pattern, reference.composition.reduced_formula, generate, out, settings)
+                    summary = solve(pattern, reference.composition.reduced_formula, generate, out, settings,
+                                    second_pass=second)
                     # refined candidates by priced Rwp, then the other fitted ones by their priced fit residual,
                     # each crystal once (the solver marks a candidate that repeats an earlier one)
                     ranked = [readable(out / c["cif"]) for c in summary["candidates"]]
@@ -209,7 +223,9 @@ def main() -> None:
                 record = {"id": material, "size_A": size, "arm": arm, "seconds": time.perf_counter() - start}
                 if summary.get("candidates"):  # what ranked first, and from which generator
                     first_place = summary["candidates"][0]
-                    record |= {"rank1_rwp": first_place["rwp"], "rank1_origin": first_place.get("origin")}
+                    record |= {"rank1_rwp": first_place["rwp"], "rank1_gof": first_place["gof"],
+                               "rank1_r_bragg": first_place.get("r_bragg"), "rank1_origin": first_place.get("origin"),
+                               "second_pass": summary.get("second_pass", {}).get("triggered")}
                 for name in TOLERANCES:
                     results = [match(c, reference, name) for c in ranked]
                     record[f"{name}@1"] = bool(results and results[0].matched)
@@ -230,13 +246,16 @@ def main() -> None:
             entry[f"{name}@{args.candidates}"] = float(np.mean([r[f"{name}@k"] for r in rows]))
             rms = [r[f"{name}_rms"] for r in rows if r[f"{name}_rms"] is not None]
             entry[f"{name}_rmse"] = float(np.mean(rms)) if rms else None
+        if arm == "prototype_then_guided":
+            entry["second_pass_share"] = float(np.mean([bool(r.get("second_pass")) for r in rows]))
         table[f"D={size:g}A/{arm}"] = entry
     (RESULTS / f"{results_name}{args.tag}.json").write_text(json.dumps(
         {"set": args.set, "checkpoint": str(args.checkpoint), "samples": args.samples, "candidates": args.candidates,
          "steps": args.steps, "crystallite_shape": args.crystallite_shape, "rank_by": args.rank_by,
          "fit_structure": args.fit_structure, "max_pooled": args.max_pooled, "fit_nuisances": args.fit_nuisances,
          "restarts": list(args.restarts), "restart_within": args.restart_within, "refine_top": args.refine_top,
-         "scan_top": args.scan,
+         "scan_top": args.scan, "second_pass_r_bragg": args.second_pass_r_bragg,
+         "second_pass_samples": args.second_pass_samples,
          "library": args.library, "redecorate": not args.no_redecorate,
          "ids": sorted(only) if only is not None else None, "table": table},
         indent=2))

@@ -14,10 +14,12 @@ independent tests. With --generator prototype (or prototype+diffusion), --leave-
 compound from the prototype library (as a representative cell and as a member to compare chemistry with): these are
 known compounds, often in the training pool, and without it the benchmark measures look-up as much as solving.
 --library picks the prototype library (default extended, as the CLI; runs before session 8 used mp20).
+As the CLI, a prototype or symmetric run draws a second pass from the shipped guided model when its rank 1 refines
+to an R_Bragg above --second-pass-r-bragg (default 0.10; 0: never, as all runs before session 26).
 
     nice python benchmarks/solve_experimental.py [--cases id1,id2] [--samples 32] [--seed 0]
         [--generator prototype|symmetric|diffusion|both|prototype+diffusion] [--leave-out-compound]
-        [--library extended|mp20] [--tag _name]
+        [--library extended|mp20] [--second-pass-r-bragg 0.10] [--tag _name]
 
 Cases run smallest primitive cell first. Resumable: finished cases are kept in benchmarks/results/solve_experimental.jsonl (runs in
 benchmarks/results/solve_experimental_runs/); the table goes to benchmarks/results/solve_experimental.json.
@@ -62,8 +64,8 @@ def main() -> None:
 
     from xtalsolve.io import read_pattern
     from xtalsolve.prototypes import LIBRARIES, prototype_generator
-    from xtalsolve.solve import (GENERATORS, SolveSettings, diffusion_generator, make_generator, mixed_generator,
-                                 shipped_checkpoint, solve)
+    from xtalsolve.solve import (GENERATORS, SolveSettings, diffusion_generator, lazy_generator, make_generator,
+                                 mixed_generator, shipped_checkpoint, solve)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="", help="comma-separated case ids (default: all in scope)")
@@ -78,6 +80,9 @@ def main() -> None:
                         help="prototype generator: without the case's own compound in the library")
     parser.add_argument("--library", choices=tuple(LIBRARIES), default="extended",
                         help="prototype library (xtalsolve solve --library)")
+    parser.add_argument("--second-pass-r-bragg", type=float, default=SolveSettings.second_pass_r_bragg,
+                        help="prototype or symmetric generator: the guided model's second pass when rank 1 refines "
+                             "to an R_Bragg above this, as xtalsolve solve does (0: none)")
     parser.add_argument("--tag", default="", help="suffix of the result files and run folder")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -118,9 +123,13 @@ def main() -> None:
                     (diffusion_generator(shipped_checkpoint(), pattern, args.steps, guided=True), 0.5)])
             else:
                 generate = make_generator(args.generator, shipped_checkpoint(), pattern, args.steps, guided=True)
+            second = None
+            if args.generator in ("prototype", "symmetric") and args.second_pass_r_bragg:
+                second = lazy_generator(lambda: diffusion_generator(shipped_checkpoint(), pattern, args.steps))
             try:
                 summary = solve(pattern, truth.composition.reduced_formula, generate, out,
-                                SolveSettings(samples=args.samples, seed=args.seed, refine_top=args.refine_top))
+                                SolveSettings(samples=args.samples, seed=args.seed, refine_top=args.refine_top,
+                                              second_pass_r_bragg=args.second_pass_r_bragg), second_pass=second)
                 ranked = [read_or_none(out / c["cif"]) for c in summary["candidates"]]
                 record |= {
                     "status": "run", "seconds": round(time.perf_counter() - start, 1),
@@ -129,6 +138,8 @@ def main() -> None:
                     "rank1_z": summary["candidates"][0]["z"],
                     "refined": len(ranked),
                     "rank1_min_distance_A": summary["candidates"][0]["min_distance_A"],
+                    "rank1_r_bragg": summary["candidates"][0].get("r_bragg"),
+                    "second_pass": summary.get("second_pass", {}).get("triggered"),
                     "strict@1": fits(strict, ranked[0], truth), "loose@1": fits(loose, ranked[0], truth),
                     "strict@any": any(fits(strict, s, truth) for s in ranked),
                     "loose@any": any(fits(loose, s, truth) for s in ranked),
@@ -143,9 +154,9 @@ def main() -> None:
     runs = [r for r in done.values() if r["status"] == "run"]
     table = {
         "samples": args.samples, "steps": args.steps, "seed": args.seed, "generator": args.generator, "refine_top": args.refine_top,
-        "leave_out_compound": args.leave_out_compound,
+        "leave_out_compound": args.leave_out_compound, "second_pass_r_bragg": args.second_pass_r_bragg,
         "library": args.library if args.generator in ("prototype", "prototype+diffusion") else None,
-        "checkpoint": None if args.generator in ("symmetric", "prototype")
+        "checkpoint": None if args.generator in ("symmetric", "prototype") and not args.second_pass_r_bragg
         else f"{shipped_checkpoint().name} (shipped)",
         "cases": list(done.values()),
         "in_scope": int(sum(n <= MAX_ATOMS for n in sizes.values())),

@@ -79,6 +79,13 @@ def test_cli_generate_resumes(tmp_path):
     assert rec["meta"]["material_id"] == "iza-SOD" and rec["meta"]["split"] in ("train", "val", "test")
     bad = subprocess.run(cmd[:-1] + ["--sources", "nowhere"], capture_output=True, text=True, env=env, check=False)
     assert bad.returncode == 2 and "--sources" in bad.stderr
+    others = ",".join(x for x in ("train", "val", "test") if x != rec["meta"]["split"])
+    elsewhere = subprocess.run(cmd + ["--splits", others], capture_output=True, text=True, env=env, check=False)
+    assert elsewhere.returncode == 0, elsewhere.stderr  # sodalite's split left out: nothing to compute
+    assert json.loads(elsewhere.stdout.strip().splitlines()[-1])["computed"] == 0
+    assert json.loads(elsewhere.stdout.strip().splitlines()[-1])["cached"] == 0
+    unknown = subprocess.run(cmd + ["--splits", "holdout"], capture_output=True, text=True, env=env, check=False)
+    assert unknown.returncode == 2 and "--splits" in unknown.stderr
     library = [sys.executable, "-m", "xtalsolve.cli", "spectra", "library", "--cache", str(tmp_path / "c"),
                "--out", str(tmp_path / "l.npz")]
     kept = subprocess.run(library + ["--min-cn", "4"], capture_output=True, text=True, check=False)

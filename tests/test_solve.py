@@ -457,3 +457,51 @@ def test_a_ranked_candidate_that_is_rank_one_with_two_species_swapped_is_a_cauti
     assert len(summary["cautions"]) == 1
     assert "rank02.cif" in summary["cautions"][0] and "Zn and Ga swapped" in summary["cautions"][0]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["cautions"] == summary["cautions"]
+
+
+def test_a_poor_fit_draws_a_second_pass_that_is_ranked_with_the_first(tmp_path, monkeypatch, rutile_pattern):
+    """When the first pass's rank 1 is a poor structure model (R_Bragg above ``second_pass_r_bragg``), candidates of the second-pass
+    generator are screened and refined as a pass of their own and ranked with the first; a good fit never calls
+    it, and a resumed run draws nothing again."""
+    truth, pattern = rutile_pattern
+    anatase = Structure.from_spacegroup("I4_1/amd", Lattice.tetragonal(3.785, 9.514), ["Ti", "O"],
+                                        [[0, 0, 0], [0, 0, 0.2083]]).get_primitive_structure()
+    second_calls = []
+
+    def library(cell, n, seed, skip=0):  # a first pass of the wrong structure type only
+        return [anatase.copy() for _ in range(n)]
+
+    def model(cell, n, seed, skip=0):
+        second_calls.append(n)
+        out = []
+        for i in range(n):
+            s = truth.copy()
+            s.apply_strain(0.01)
+            s.perturb(0.03, seed=seed + i)
+            s.properties["origin"] = "second-pass test model"
+            out.append(s)
+        return out
+
+    base = SolveSettings(samples=2, natoms=6, refine_max_nfev=8, refine_top=1, restarts=0, scan_top=0,
+                         second_pass_samples=3)
+    summary = solve(pattern, "TiO2", library, tmp_path / "poor", base, second_pass=model)
+    first_r = summary["second_pass"]["rank1_r_bragg_first_pass"]
+    assert summary["second_pass"]["triggered"] and first_r > 0.10
+    assert second_calls == [3] and "second-pass screen" in summary["stage_timing_s"]
+    assert summary["candidates"][0]["origin"] == "second-pass test model"
+    assert StructureMatcher().fit(Structure.from_file(tmp_path / "poor" / "rank01.cif"), truth)
+    assert any(c["origin"] is None for c in summary["candidates"][1:])  # the first pass's anatase is ranked too
+    assert summary["candidates"][0]["r_bragg"] < 0.10 < first_r
+
+    monkeypatch.setattr("xtalsolve.polish.polish", must_not_run)
+    resumed = solve(pattern, "TiO2", must_not_run, tmp_path / "poor", base, second_pass=must_not_run)
+    assert resumed["candidates"] == summary["candidates"]
+    monkeypatch.undo()
+
+    good = solve(pattern, "TiO2", model, tmp_path / "good", base, second_pass=must_not_run)
+    assert not good["second_pass"]["triggered"] and good["second_pass"]["rank1_r_bragg_first_pass"] < 0.10
+    off = solve(pattern, "TiO2", library, tmp_path / "off", replace(base, second_pass_r_bragg=0),
+                second_pass=must_not_run)
+    assert not off["second_pass"]["triggered"]
+    with pytest.raises(XtalsolveError, match="second pass"):
+        SolveSettings(second_pass_samples=0)

@@ -105,6 +105,9 @@ def spectra_generate(
                                                          "(5: five- and six-fold Si).")] = 0,
     max_cn: Annotated[Optional[int], typer.Option("--max-cn", help="Only sites with at most this many first-shell "
                                                                    "ligands (4: tetrahedral Fe).")] = None,
+    splits: Annotated[str, typer.Option("--splits", help="Comma list of the material splits to compute (train: "
+                                                         "more training data, held-out sets unchanged).")]
+    = "train,val,test",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (for logs).")] = False,
 ):
     """Compute FEFF10 XANES of absorber-centred clusters (cached by input hash, resumable)."""
@@ -112,7 +115,7 @@ def spectra_generate(
 
     result = generate(out, check_absorber(absorber), check_absorber(ligand), tuple(sources.split(",")), limit,
                       workers, perturbed, seed, max_z=max_z, progress=not no_progress, min_cn=min_cn,
-                      max_cn=max_cn)
+                      max_cn=max_cn, splits=tuple(x for x in splits.split(",") if x))
     typer.echo(json.dumps(result))
 
 
@@ -639,6 +642,13 @@ def solve(
                                          "then further types of MP-20 val/test, MPTS-52, MP-40, AFLOW, WBM and "
                                          "more; the PXRDnet benchmark's crystals left out), mp20 (mp20_train "
                                          "only) or a library file (tools/build_prototype_library.py).")] = "extended",
+    second_pass_r_bragg: Annotated[float, typer.Option("--second-pass-r-bragg", min=0, help="When the rank-1 "
+                                                       "candidate of a prototype or symmetric run refines to a Bragg "
+                                                       "R-factor above this (0.10 = 10 %), draw "
+                                                       "--second-pass-samples more from the guided diffusion model "
+                                                       "and rank all together; 0: never.")] = 0.10,
+    second_pass_samples: Annotated[int, typer.Option("--second-pass-samples", min=1,
+                                                     help="Candidates of the second pass.")] = 32,
 ):
     """Solve a structure: draw candidates (known structure types with substituted elements, random symmetric
     crystals and/or the guided diffusion model), fit and refine them, rank by Rwp priced for free parameters."""
@@ -648,38 +658,47 @@ def solve(
     _solve_and_report(data, formula, out, checkpoint, samples=samples, seed=seed, size_hint=size_hint, natoms=natoms,
                       steps=steps, guided=not no_guidance, generator=generator, rank_by=rank_by, shape=shape,
                       library=library, fit_structure=fit_structure, restarts=restarts, refine=refine, scan=scan,
-                      fill=fill)
+                      fill=fill, second_pass_r_bragg=second_pass_r_bragg, second_pass_samples=second_pass_samples)
 
 
 def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *, samples: int, seed: int,
                       size_hint: float | None, natoms: int | None, steps: int, guided: bool,
                       generator: str = "prototype", rank_by: str = "auto", shape: str = "lorentzian",
                       library: str = "extended", fit_structure: str = "auto", restarts: int = 3,
-                      refine: int = 3, scan: int = 4, fill: str = "symmetric") -> dict:
+                      refine: int = 3, scan: int = 4, fill: str = "symmetric", second_pass_r_bragg: float = 0.10,
+                      second_pass_samples: int = 32) -> dict:
     """Run the solver on a loaded pattern with a progress log on stderr and a one-line result on stdout."""
     import torch
     from rich.console import Console
 
     from xtalsolve.prototypes import check_library
-    from xtalsolve.solve import SolveSettings, make_generator, shipped_checkpoint
+    from xtalsolve.solve import SolveSettings, diffusion_generator, lazy_generator, make_generator, shipped_checkpoint
     from xtalsolve.solve import solve as run_solve
 
     if samples < 1:
         raise XtalsolveError("must be at least 1", "--samples")
     checkpoint = checkpoint or shipped_checkpoint()
     needs_model = generator not in ("prototype", "symmetric") or fill != "symmetric"
+    # the guided model behind a run without it, drawn from only when nothing fits (SolveSettings.second_pass_r_bragg)
+    second_pass = None
+    if generator in ("prototype", "symmetric") and second_pass_r_bragg > 0:
+        needs_model = True
+        second_pass = lazy_generator(lambda: diffusion_generator(checkpoint, data, steps, guided,
+                                                                 size_hint_A=size_hint))
     if needs_model and not checkpoint.is_file():
         raise XtalsolveError("no such checkpoint (train one with `xtalsolve train --config configs/small_cpu.json`)",
                              checkpoint)
     settings = SolveSettings(samples=samples, seed=seed, natoms=natoms, size_hint_A=size_hint, rank_by=rank_by,
                              crystallite_shape=shape, fit_structure=fit_structure,
-                             restarts=restarts, refine_top=refine, scan_top=scan)  # bad values fail here
+                             restarts=restarts, refine_top=refine, scan_top=scan, second_pass_r_bragg=second_pass_r_bragg,
+                             second_pass_samples=second_pass_samples)  # bad values fail here
     check_library(library)
     torch.set_num_threads(1)  # small batches: one thread is as fast and leaves the other cores free
     generate = make_generator(generator, checkpoint, data, steps, guided, size_hint_A=size_hint, library=library,
                               fill=fill)
     console = Console(stderr=True)
-    summary = run_solve(data, formula, generate, out, settings, progress=lambda m: console.log(m))
+    summary = run_solve(data, formula, generate, out, settings, progress=lambda m: console.log(m),
+                        second_pass=second_pass)
     best = summary["candidates"][0]
     typer.echo(f"{out}: rank 1 {best['cif']} Rwp {best['rwp']:.2%} {best['space_group']} "
                f"({len(summary['candidates'])} refined of {len(summary['screened'])} fitted, ranked by "

@@ -128,7 +128,20 @@ class SolveSettings:
     placement that Rietveld rejects (Rb2S, Al2O3; docs/solver.md, session 22). Descents from a drawn
     prototype stop in the nearest minimum: ZnGaPS in the
     NaCNO type of R3m kept P a third of the polar axis from where it belongs in every start. Full structure fit
-    only; ``scan_top`` 0: none (docs/solver.md, session 22)."""
+    only; ``scan_top`` 0: none (docs/solver.md, session 22).
+
+    ``second_pass_r_bragg``, ``second_pass_samples``: when :func:`solve` is given a second-pass generator (the
+    guided diffusion model behind the structure-type library) and the rank-1 candidate of the first pass refines
+    to a Bragg R-factor above ``second_pass_r_bragg``, ``second_pass_samples`` more candidates are drawn from it
+    for the
+    best-fitting Z trials (2:1 over the best two) and screened, restarted, scanned and refined as a pass of their
+    own; all are ranked together. A crystal of no library type leaves every library candidate a poor structure
+    model; this is the crystallographer's "try harder when nothing fits", which reaches such crystals without
+    paying for the model on every pattern. R_Bragg compares the integrated intensities, so unlike Rwp and GoF it
+    does not carry the profile's and the background's misfit: a correct structure model gives some 2-10 %
+    (Rietveld practice), while GoF is near 1 for a right model on measured data and near 10 for a right one on
+    the noise-free PXRDnet-protocol patterns, and 9.7 for anatase fitted to a rutile pattern of 10^4 counts.
+    0 or None: never."""
 
     samples: int = 32
     max_trials: int = 5
@@ -157,6 +170,8 @@ class SolveSettings:
     scan_max_atoms: int = 10
     scan_trials: int = 4096
     scan_keep: int = 6
+    second_pass_r_bragg: float | None = 0.10
+    second_pass_samples: int = 32
 
     def __post_init__(self):
         from xtalsolve.physics.powder import check_shape
@@ -173,6 +188,9 @@ class SolveSettings:
             raise XtalsolveError("the coordinate scan's settings must be >= 0", "--scan")
         if self.restarts < 0 or self.restart_top < 0:
             raise XtalsolveError(f"restarts must be >= 0, not {min(self.restarts, self.restart_top)}", "--restarts")
+        if (self.second_pass_r_bragg or 0) < 0 or self.second_pass_samples < 1:
+            raise XtalsolveError("the second pass needs an R_Bragg threshold >= 0 and at least one sample",
+                                 "--second-pass-r-bragg")
 
 
 def shipped_checkpoint() -> Path:
@@ -202,6 +220,18 @@ def diffusion_generator(checkpoint: str | Path, pattern: Pattern, n_steps: int =
         for structure in out:
             structure.properties["origin"] = "diffusion model" + (" with data guidance" if guided else "")
         return out
+
+    return generate
+
+
+def lazy_generator(build: Callable[[], Generator]) -> Generator:
+    """A generator that is built on its first draw (e.g. a model loaded only when a second pass needs it)."""
+    made: list[Generator] = []
+
+    def generate(cell: Composition, n: int, seed: int, skip: int = 0) -> list[Structure]:
+        if not made:
+            made.append(build())
+        return made[0](cell, n, seed, skip=skip)
 
     return generate
 
@@ -429,6 +459,8 @@ def distinct(records: Sequence[dict], n: int) -> list[dict]:
 
 
 SMALL_CELL = 4
+SECOND_PASS = -1
+"""The ``part`` of the candidates a second pass draws (:class:`SolveSettings` ``second_pass_r_bragg``)."""
 """Cells of up to this many atoms are always among the trials of Z."""
 
 SCAN_CHILD = 1000
@@ -644,12 +676,17 @@ def solve(
     out_dir: str | Path,
     settings: SolveSettings = SolveSettings(),
     progress: Callable[[str], None] | None = None,
+    second_pass: Generator | None = None,
 ) -> dict:
     """Solve ``pattern`` for ``formula`` and write the ranked, refined candidates to ``out_dir``.
 
     Returns the summary (also written as summary.json): formula, trials, candidates ranked by Rwp priced for
     their free parameters (``score``, see :class:`SolveSettings`) with their CIF file, Rwp, Rp, GoF, space
     group, lattice (angstrom, degrees) and free parameters, and the time taken (s).
+
+    ``second_pass``: a generator to draw from when the first pass's rank 1 fits poorly (``SolveSettings``
+    ``second_pass_r_bragg``; e.g. :func:`diffusion_generator` behind the prototype library); its candidates are
+    screened, restarted, scanned and refined as a pass of their own and ranked with the first pass's.
     """
     from xtalsolve.io.structures import write_cif
     from xtalsolve.polish import PolishSettings, free_coordinates, free_parameters, polish, scan_coordinates
@@ -688,16 +725,18 @@ def solve(
         _scored(record, settings, price)
         write_cif(structure, path.with_suffix(".cif"))
 
-    def screen(plan: list[tuple[CellTrial, int]], stage: int) -> None:
-        """Draw and fit the candidates of ``plan``; every one is stored as it is screened (resumable)."""
+    def screen(plan: list[tuple[CellTrial, int]], stage: int, source: Generator = generate,
+               part: int | None = None) -> None:
+        """Draw candidates of ``plan`` from ``source`` and fit them; every one is stored as it is screened
+        (resumable). ``part``: recorded as the candidates' part (else the generator's own, if mixed)."""
         for trial, count in plan:
-            first = sum(1 for r in records if r["z"] == trial.z)
+            first = sum(1 for r in records if r["z"] == trial.z and r["index"] < SCAN_CHILD)
             stored = [_candidate_file(store, trial.z, first + i) for i in range(count)]
             if all(path.is_file() for path in stored):  # screened in an earlier run
                 records.extend(_scored(json.loads(path.read_text()), settings, price) for path in stored)
                 continue
             say(f"Z = {trial.z}: drawing {count} candidates")
-            structures = generate(trial.composition(composition), count,
+            structures = source(trial.composition(composition), count,
                                   settings.seed + 1000 * trial.z + 100_000 * stage, skip=first)
             say(f"Z = {trial.z}: fitting {count} candidates to the pattern")
             fitted, residuals = polish(structures, loss, fit_settings)
@@ -705,7 +744,7 @@ def solve(
                 record = {"z": trial.z, "index": first + i, "candidate_cif": structures[i].to(fmt="cif"),
                           "prior_rank": structures[i].properties.get("prior_rank"),
                           "origin": structures[i].properties.get("origin"),
-                          "part": structures[i].properties.get("part")}
+                          "part": structures[i].properties.get("part") if part is None else part}
                 if np.isfinite(residuals[i]) and fitted[i].volume > 0:
                     keep_fit(record, fitted[i], float(residuals[i]), path)
                 else:  # a collapsed or exploded candidate must not end the run
@@ -723,6 +762,18 @@ def solve(
             if "screen_residual" in r:
                 best_residual[r["z"]] = min(best_residual.get(r["z"], np.inf), r["screen_score"])
         screen(round2(best_residual), 1)
+
+    def second_pass_plan() -> list[tuple[CellTrial, int]]:
+        """The second pass's draws: 2:1 over the two Z trials whose candidates fit best."""
+        best_score: dict[int, float] = {}
+        for r in records:
+            if "screen_score" in r:
+                best_score[r["z"]] = min(best_score.get(r["z"], np.inf), r["screen_score"])
+        ranked = sorted((t for t in trials if t.z in best_score), key=lambda t: best_score[t.z]) or trials[:1]
+        n = settings.second_pass_samples
+        if len(ranked) == 1 or n < 3:
+            return [(ranked[0], n)]
+        return [(ranked[0], n - n // 3), (ranked[1], n // 3)]
     stages, mark = {}, start
 
     def lap(stage: str) -> None:
@@ -794,7 +845,7 @@ def solve(
                 for k, j in enumerate(listed, 1):
                     index = k * SCAN_CHILD + record["index"]
                     child = {"z": record["z"], "index": index, "candidate_cif": record["candidate_cif"],
-                             "prior_rank": record.get("prior_rank"),
+                             "prior_rank": record.get("prior_rank"), "part": record.get("part"),
                              "origin": f"{record.get('origin') or 'candidate'}; coordinate scan, "
                                        f"{('best', 'second')[k - 1]}",
                              "scanned": {"child_of": record["index"]}}
@@ -810,53 +861,82 @@ def solve(
     screened = by_screen()
     if not screened:
         raise XtalsolveError(f"no candidate could be fitted to the pattern (reasons in {store})", pattern.source)
-    if fit == "full" and settings.restarts > 0 and settings.restart_top > 0:
-        restart(distinct(screened, settings.restart_top))
-        screened = by_screen()
-    lap("restarts")
-    if fit == "full" and settings.scan_top > 0 and settings.scan_trials > 0 and settings.scan_keep > 0:
-        scan(distinct(screened, settings.scan_top))
-        screened = by_screen()
-    lap("coordinate scan")
-    # full Rietveld for the best screened candidates (kept on disk too, so a resumed run skips them)
+    # the ranking basis from the best screened candidate of the first pass (the second pass is ranked alike)
     observations, size = _observations(loss, Structure.from_str(screened[0]["screen_cif"], fmt="cif"),
                                        settings.size_hint_A)
     basis = ranking_basis(settings, observations)
     best, best_key = None, None
-    best_rwp = min((r["rwp"] for r in records if "rwp" in r), default=np.inf)
-    proposed = sum(1 for r in records if "child_of" in r.get("scanned", {}))  # the scan's: refined beside the top
-    for record in refinement_choice(screened, settings.refine_top + proposed):
-        path = _candidate_file(store, record["z"], record["index"])
-        if "rwp" in record or "refine_failed" in record or "abandoned" in record:
-            continue
-        say(f"Z = {record['z']}: refining candidate {record['index'] + 1} "
-            f"(fit residual {record['screen_residual']:.4f})")
-        try:
-            result = refine_candidate(measured, Structure.from_str(record["screen_cif"], fmt="cif"), instrument,
-                                      settings, best_rwp, options, fit)
-        except CandidateAbandoned as stop:
-            record["abandoned"] = stop.record
-            say(f"Z = {record['z']}: candidate {record['index'] + 1} abandoned (Rwp {stop.record['rwp']:.2%} after "
-                f"the {stop.record['stage']} stage, more than {settings.abandon_factor:g} x the best {best_rwp:.2%})")
-        except Exception as err:  # noqa: BLE001 - keep the screened result
-            record["refine_failed"] = f"{type(err).__name__}: {err}"
-        else:
-            record |= {"rwp": result.rwp, "rp": result.rp, "gof": result.gof, "r_bragg": result.r_bragg,
-                       "space_group": result.space_group,
-                       "lattice": dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), map(float, result.cell))),
-                       "cif": result.structure.to(fmt="cif"), "refined_cif": cif_text(result, "rank"),
-                       "free_parameters": free_parameters(result.structure),
-                       **dict(zip(("min_distance_A", "plausible"), contact_check(result.structure))),
-                       "seconds": round(result.seconds, 2)}
-            _scored(record, settings, price)
-            key = _rank_key(record, basis)
-            if best is None or key < best_key:
-                best, best_key = result, key
-            best_rwp = min(best_rwp, result.rwp)
-        path.write_text(json.dumps(record))
 
-    lap("refinement")
-    ranked = sorted((r for r in records if "rwp" in r), key=lambda r: _rank_key(r, basis))
+    def search_and_refine(part: int | None = None, suffix: str = "") -> None:
+        """Restarts, coordinate scan and Rietveld refinement of the best screened candidates of one pass (records
+        of ``part``); each step skips what is already done, so a resumed run repeats nothing."""
+        nonlocal best, best_key
+
+        def pool() -> list[dict]:
+            return [r for r in by_screen() if r.get("part") == part or part is None]
+
+        if fit == "full" and settings.restarts > 0 and settings.restart_top > 0:
+            restart(distinct(pool(), settings.restart_top))
+        lap("restarts" + suffix)
+        if fit == "full" and settings.scan_top > 0 and settings.scan_trials > 0 and settings.scan_keep > 0:
+            scan(distinct(pool(), settings.scan_top))
+        lap("coordinate scan" + suffix)
+        # full Rietveld for the best screened candidates (kept on disk too, so a resumed run skips them)
+        screened = pool()
+        best_rwp = min((r["rwp"] for r in records if "rwp" in r), default=np.inf)
+        proposed = sum(1 for r in screened if "child_of" in r.get("scanned", {}))  # the scan's: refined beside the top
+        for record in refinement_choice(screened, settings.refine_top + proposed):
+            path = _candidate_file(store, record["z"], record["index"])
+            if "rwp" in record or "refine_failed" in record or "abandoned" in record:
+                continue
+            say(f"Z = {record['z']}: refining candidate {record['index'] + 1} "
+                f"(fit residual {record['screen_residual']:.4f})")
+            try:
+                result = refine_candidate(measured, Structure.from_str(record["screen_cif"], fmt="cif"), instrument,
+                                          settings, best_rwp, options, fit)
+            except CandidateAbandoned as stop:
+                record["abandoned"] = stop.record
+                say(f"Z = {record['z']}: candidate {record['index'] + 1} abandoned (Rwp {stop.record['rwp']:.2%} "
+                    f"after the {stop.record['stage']} stage, more than {settings.abandon_factor:g} x the best "
+                    f"{best_rwp:.2%})")
+            except Exception as err:  # noqa: BLE001 - keep the screened result
+                record["refine_failed"] = f"{type(err).__name__}: {err}"
+            else:
+                record |= {"rwp": result.rwp, "rp": result.rp, "gof": result.gof, "r_bragg": result.r_bragg,
+                           "space_group": result.space_group,
+                           "lattice": dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), map(float, result.cell))),
+                           "cif": result.structure.to(fmt="cif"), "refined_cif": cif_text(result, "rank"),
+                           "free_parameters": free_parameters(result.structure),
+                           **dict(zip(("min_distance_A", "plausible"), contact_check(result.structure))),
+                           "seconds": round(result.seconds, 2)}
+                _scored(record, settings, price)
+                key = _rank_key(record, basis)
+                if best is None or key < best_key:
+                    best, best_key = result, key
+                best_rwp = min(best_rwp, result.rwp)
+            path.write_text(json.dumps(record))
+        lap("refinement" + suffix)
+
+    def ranked_records() -> list[dict]:
+        return sorted((r for r in records if "rwp" in r), key=lambda r: _rank_key(r, basis))
+
+    search_and_refine()
+    first_pass = ranked_records()
+    first_r = first_pass[0].get("r_bragg") if first_pass else None
+    threshold = settings.second_pass_r_bragg
+    second = {"r_bragg_threshold": threshold, "rank1_r_bragg_first_pass": first_r,
+              "rank1_gof_first_pass": first_pass[0]["gof"] if first_pass else None,
+              "triggered": second_pass is not None and bool(threshold)
+              and (first_r is None or not first_r <= threshold)}
+    if second["triggered"]:
+        say((f"rank 1 is a poor structure model (R_Bragg {first_r:.1%} > {threshold:.0%})" if first_r is not None
+             else "no candidate refined") + f": drawing {settings.second_pass_samples} more candidates from the "
+            "second-pass generator")
+        screen(second_pass_plan(), 2, second_pass, part=SECOND_PASS)
+        lap("second-pass screen")
+        search_and_refine(SECOND_PASS, " (second pass)")
+        second["samples"] = settings.second_pass_samples
+    ranked, screened = ranked_records(), by_screen()
     candidates = []
     for rank, record in enumerate(ranked, start=1):
         name = f"rank{rank:02d}.cif"
@@ -867,6 +947,7 @@ def solve(
         candidates.append({"rank": rank, "cif": name, **{k: record[k] for k in
                                                          ("rwp", "rp", "gof", "space_group", "lattice", "z",
                                                           "free_parameters", "score", "screen_score")},
+                           "r_bragg": record.get("r_bragg"),
                            "min_distance_A": record.get("min_distance_A"), "plausible": record.get("plausible"),
                            "origin": record.get("origin")})
     if best is not None and abs(best.rwp - ranked[0]["rwp"]) < 1e-12:
@@ -897,6 +978,7 @@ def solve(
                     "structure_fit": fit},
         "candidates": candidates,
         "cautions": cautions,
+        "second_pass": second,
         "screened": [{"z": r["z"], "index": r["index"], "screen_residual": r["screen_residual"],
                       "screen_score": r["screen_score"], "refined": "rwp" in r, "origin": r.get("origin"),
                       "cif": stored_cif(r), "same_as": same_as.get(id(r))}

@@ -240,10 +240,12 @@ def generate(
     progress: bool = True,
     min_cn: int = 0,
     max_cn: int | None = None,
+    splits=("train", "val", "test"),
 ) -> dict:
     """Compute FEFF10 spectra of up to ``limit`` clusters into the cache directory ``out`` (resumable).
 
     Cached clusters count towards ``limit`` but cost nothing, so re-running the same command resumes.
+    ``splits``: only materials of these splits (e.g. ("train",): more training data, held-out sets unchanged).
     """
     from itertools import islice
 
@@ -252,8 +254,11 @@ def generate(
     bad = set(sources) - set(SOURCES)
     if bad:
         raise XtalsolveError(f"unknown source(s) {sorted(bad)}; choose from {list(SOURCES)}", "--sources")
+    bad = set(splits) - {"train", "val", "test"}
+    if bad or not splits:
+        raise XtalsolveError(f"unknown split(s) {sorted(bad)}; choose from train, val, test", "--splits")
     clusters = iter_clusters(absorber, ligand, sources, n_perturbed=n_perturbed, n_atoms=n_atoms, seed=seed,
-                             max_z=max_z, min_cn=min_cn, max_cn=max_cn)
+                             splits=tuple(splits), max_z=max_z, min_cn=min_cn, max_cn=max_cn)
     if limit is not None:
         clusters = islice(clusters, limit)
     return compute_spectra(clusters, SpectrumCache(out), FeffSettings(), workers=workers, progress=progress,
