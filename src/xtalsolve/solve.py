@@ -135,7 +135,10 @@ class SolveSettings:
     to a Bragg R-factor above ``second_pass_r_bragg``, ``second_pass_samples`` more candidates are drawn from it
     for the
     best-fitting Z trials (2:1 over the best two) and screened, restarted, scanned and refined as a pass of their
-    own; all are ranked together. A crystal of no library type leaves every library candidate a poor structure
+    own; all are ranked together, except that a second-pass candidate that is itself a poor structure model
+    (R_Bragg above the threshold) ranks after the first pass's: a lower-symmetry crystal of the model fits a
+    little better than the library's right one whose R_Bragg is just above 10 % (PXRDnet protocol at 100 A,
+    session 26: three rank-1 matches lost without this rule, none with it). A crystal of no library type leaves every library candidate a poor structure
     model; this is the crystallographer's "try harder when nothing fits", which reaches such crystals without
     paying for the model on every pattern. R_Bragg compares the integrated intensities, so unlike Rwp and GoF it
     does not carry the profile's and the background's misfit: a correct structure model gives some 2-10 %
@@ -627,6 +630,18 @@ def _rank_key(record: dict, basis: str = "rwp") -> tuple[bool, float]:
     return not record.get("plausible", True), value
 
 
+def ranked_refined(records: Sequence[dict], basis: str, second_pass_r_bragg: float | None) -> list[dict]:
+    """The refined records in ranking order (:func:`_rank_key`); a second-pass candidate (part
+    :data:`SECOND_PASS`) that is itself a poor structure model, R_Bragg above ``second_pass_r_bragg``, the
+    threshold that called the pass, ranks after every first-pass one."""
+    bound = second_pass_r_bragg or np.inf
+
+    def demoted(r: dict) -> bool:
+        return r.get("part") == SECOND_PASS and not r.get("r_bragg", np.inf) <= bound
+
+    return sorted((r for r in records if "rwp" in r), key=lambda r: (demoted(r), _rank_key(r, basis)))
+
+
 def _observations(loss, structure: Structure | None, size_A: float | None) -> tuple[float, float]:
     """(independent observations, crystallite size in angstrom) of the pattern of ``loss``: the size given, else
     the size fitted to ``structure`` (the best-screened candidate)."""
@@ -865,12 +880,11 @@ def solve(
     observations, size = _observations(loss, Structure.from_str(screened[0]["screen_cif"], fmt="cif"),
                                        settings.size_hint_A)
     basis = ranking_basis(settings, observations)
-    best, best_key = None, None
+    results = {}  # id(record) -> its refinement in this run, for the fit plot of rank 1
 
     def search_and_refine(part: int | None = None, suffix: str = "") -> None:
         """Restarts, coordinate scan and Rietveld refinement of the best screened candidates of one pass (records
         of ``part``); each step skips what is already done, so a resumed run repeats nothing."""
-        nonlocal best, best_key
 
         def pool() -> list[dict]:
             return [r for r in by_screen() if r.get("part") == part or part is None]
@@ -910,15 +924,13 @@ def solve(
                            **dict(zip(("min_distance_A", "plausible"), contact_check(result.structure))),
                            "seconds": round(result.seconds, 2)}
                 _scored(record, settings, price)
-                key = _rank_key(record, basis)
-                if best is None or key < best_key:
-                    best, best_key = result, key
+                results[id(record)] = result
                 best_rwp = min(best_rwp, result.rwp)
             path.write_text(json.dumps(record))
         lap("refinement" + suffix)
 
     def ranked_records() -> list[dict]:
-        return sorted((r for r in records if "rwp" in r), key=lambda r: _rank_key(r, basis))
+        return ranked_refined(records, basis, settings.second_pass_r_bragg)
 
     search_and_refine()
     first_pass = ranked_records()
@@ -950,7 +962,8 @@ def solve(
                            "r_bragg": record.get("r_bragg"),
                            "min_distance_A": record.get("min_distance_A"), "plausible": record.get("plausible"),
                            "origin": record.get("origin")})
-    if best is not None and abs(best.rwp - ranked[0]["rwp"]) < 1e-12:
+    best = results.get(id(ranked[0])) if ranked else None
+    if best is not None:
         plot_fit(best, out / "fit.png", title=f"{composition.reduced_formula}: rank 1, Rwp {best.rwp:.2%}")
     # the screened list in ranking order (refined first, by rank), each marked when it repeats an earlier one
     listed = list(ranked) + [r for r in screened if "rwp" not in r]
