@@ -507,15 +507,15 @@ def test_a_poor_fit_draws_a_second_pass_that_is_ranked_with_the_first(tmp_path, 
         SolveSettings(second_pass_samples=0)
 
 
-def test_a_second_pass_candidate_that_is_a_poor_model_ranks_after_the_first_pass():
+def test_a_second_pass_candidate_in_a_near_tie_ranks_after_the_first_pass():
     from xtalsolve.solve import SECOND_PASS, ranked_refined
 
-    def record(name, score, r_bragg, part=None):
-        return {"name": name, "rwp": score, "score": score, "screen_score": score, "r_bragg": r_bragg, "part": part}
+    def record(name, score, part=None):
+        return {"name": name, "rwp": score, "score": score, "screen_score": score, "part": part}
 
-    records = [record("library", 0.12, 0.13), record("library 2", 0.20, 0.30),
-               record("model, poor", 0.11, 0.12, SECOND_PASS), record("model, good", 0.15, 0.06, SECOND_PASS),
-               {"name": "screened only", "screen_score": 0.01}]
-    order = [r["name"] for r in ranked_refined(records, "rwp", 0.10)]
-    assert order == ["library", "model, good", "library 2", "model, poor"]
-    assert [r["name"] for r in ranked_refined(records, "rwp", None)][:2] == ["model, poor", "library"]
+    library, library2 = record("library", 0.120), record("library 2", 0.200)
+    records = [library, library2, record("model, near tie", 0.115, SECOND_PASS),
+               record("model, better", 0.100, SECOND_PASS), {"name": "screened only", "screen_score": 0.01}]
+    order = [r["name"] for r in ranked_refined(records, "rwp", library)]
+    assert order == ["model, better", "library", "library 2", "model, near tie"]
+    assert [r["name"] for r in ranked_refined(records, "rwp")][:3] == ["model, better", "model, near tie", "library"]
