@@ -460,9 +460,9 @@ def test_a_ranked_candidate_that_is_rank_one_with_two_species_swapped_is_a_cauti
 
 
 def test_a_poor_fit_draws_a_second_pass_that_is_ranked_with_the_first(tmp_path, monkeypatch, rutile_pattern):
-    """When the first pass's rank 1 is a poor structure model (R_Bragg above ``second_pass_r_bragg``), candidates of the second-pass
-    generator are screened and refined as a pass of their own and ranked with the first; a good fit never calls
-    it, and a resumed run draws nothing again."""
+    """When the first pass's rank 1 is a poor structure model (R_Bragg above ``second_pass_r_bragg``),
+    candidates of the second-pass generator are screened and refined as a pass of their own and ranked with the
+    first; a good fit never calls it, and a resumed run draws nothing again."""
     truth, pattern = rutile_pattern
     anatase = Structure.from_spacegroup("I4_1/amd", Lattice.tetragonal(3.785, 9.514), ["Ti", "O"],
                                         [[0, 0, 0], [0, 0, 0.2083]]).get_primitive_structure()
@@ -491,6 +491,8 @@ def test_a_poor_fit_draws_a_second_pass_that_is_ranked_with_the_first(tmp_path, 
     assert summary["candidates"][0]["origin"] == "second-pass test model"
     assert StructureMatcher().fit(Structure.from_file(tmp_path / "poor" / "rank01.cif"), truth)
     assert any(c["origin"] is None for c in summary["candidates"][1:])  # the first pass's anatase is ranked too
+    listed = [c["origin"] for c in summary["screened"]]  # by fit, the second pass's after the first pass's
+    assert listed == sorted(listed, key=lambda o: o == "second-pass test model") and listed[0] is None
     assert summary["candidates"][0]["r_bragg"] < 0.10 < first_r
 
     monkeypatch.setattr("xtalsolve.polish.polish", must_not_run)

@@ -690,7 +690,8 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
                              checkpoint)
     settings = SolveSettings(samples=samples, seed=seed, natoms=natoms, size_hint_A=size_hint, rank_by=rank_by,
                              crystallite_shape=shape, fit_structure=fit_structure,
-                             restarts=restarts, refine_top=refine, scan_top=scan, second_pass_r_bragg=second_pass_r_bragg,
+                             restarts=restarts, refine_top=refine, scan_top=scan,
+                             second_pass_r_bragg=second_pass_r_bragg,
                              second_pass_samples=second_pass_samples)  # bad values fail here
     check_library(library)
     torch.set_num_threads(1)  # small batches: one thread is as fast and leaves the other cores free
