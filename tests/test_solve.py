@@ -505,6 +505,10 @@ def test_a_poor_fit_draws_a_second_pass_that_is_ranked_with_the_first(tmp_path, 
     off = solve(pattern, "TiO2", library, tmp_path / "off", replace(base, second_pass_r_bragg=0),
                 second_pass=must_not_run)
     assert not off["second_pass"]["triggered"]
+    broad = solve(pattern, "TiO2", library, tmp_path / "broad", replace(base, fit_structure="volume"),
+                  second_pass=must_not_run)  # too few observations to tell the model's crystals apart
+    assert broad["second_pass"]["rank1_r_bragg_first_pass"] > 0.10 and not broad["second_pass"]["triggered"]
+    assert broad["second_pass"]["skipped"] == "pattern too broad for a structure fit"
     with pytest.raises(XtalsolveError, match="second pass"):
         SolveSettings(second_pass_samples=0)
 
