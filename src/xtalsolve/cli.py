@@ -668,6 +668,8 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
                       refine: int = 3, scan: int = 4, fill: str = "symmetric", second_pass_r_bragg: float = 0.10,
                       second_pass_samples: int = 32) -> dict:
     """Run the solver on a loaded pattern with a progress log on stderr and a one-line result on stdout."""
+    import warnings
+
     import torch
     from rich.console import Console
 
@@ -698,12 +700,18 @@ def _solve_and_report(data, formula: str, out: Path, checkpoint: Path | None, *,
     generate = make_generator(generator, checkpoint, data, steps, guided, size_hint_A=size_hint, library=library,
                               fill=fill)
     console = Console(stderr=True)
-    summary = run_solve(data, formula, generate, out, settings, progress=lambda m: console.log(m),
-                        second_pass=second_pass)
+    with warnings.catch_warnings():  # pymatgen's note on each CIF read back with coordinates on special positions
+        warnings.filterwarnings("ignore", message="Issues encountered while parsing CIF")
+        summary = run_solve(data, formula, generate, out, settings, progress=lambda m: console.log(m),
+                            second_pass=second_pass)
     best = summary["candidates"][0]
+    second = summary["second_pass"]
     typer.echo(f"{out}: rank 1 {best['cif']} Rwp {best['rwp']:.2%} {best['space_group']} "
                f"({len(summary['candidates'])} refined of {len(summary['screened'])} fitted, ranked by "
-               f"{summary['ranking']['by']}, {summary['timing_s']:.0f} s)")
+               f"{summary['ranking']['by']}, {summary['timing_s']:.0f} s)"
+               + (f"; second pass from the guided model (library rank 1 R_Bragg "
+                  f"{second['rank1_r_bragg_first_pass']:.1%})" if second.get("triggered")
+                  and second.get("rank1_r_bragg_first_pass") is not None else ""))
     for caution in summary.get("cautions", []):
         typer.echo(f"caution: {caution}")
     return summary
