@@ -311,15 +311,19 @@ def explore_then_exploit(trials: Sequence[CellTrial], samples: int, explore: flo
     rest = max(0, samples - first * len(trials))
 
     def round2(best_residual: dict[int, float]) -> list[tuple[CellTrial, int]]:
-        ranked = sorted((t for t in trials if t.z in best_residual), key=lambda t: best_residual[t.z])
-        if rest == 0 or not ranked:
-            return []
-        if len(ranked) == 1:
-            return [(ranked[0], rest)]
-        second = rest // 3
-        return [(ranked[0], rest - second)] + ([(ranked[1], second)] if second else [])
+        return best_two(trials, best_residual, rest) if rest else []
 
     return round1, round2
+
+
+def best_two(trials: Sequence[CellTrial], best_residual: dict[int, float], n: int) -> list[tuple[CellTrial, int]]:
+    """``n`` samples for the two trials whose candidates fit best (2:1; all to the best when ``n`` < 3); trials
+    without a fitted candidate get none."""
+    ranked = sorted((t for t in trials if t.z in best_residual), key=lambda t: best_residual[t.z])
+    if not ranked:
+        return []
+    second = n // 3 if len(ranked) > 1 else 0
+    return [(ranked[0], n - second)] + ([(ranked[1], second)] if second else [])
 
 
 def pattern_loss(pattern: Pattern, size_A: float | None = None, shape: str = "lorentzian",
@@ -466,12 +470,13 @@ def distinct(records: Sequence[dict], n: int) -> list[dict]:
 
 
 SMALL_CELL = 4
+"""Cells of up to this many atoms are always among the trials of Z."""
+
 SECOND_PASS = -1
 """The ``part`` of the candidates a second pass draws (:class:`SolveSettings` ``second_pass_r_bragg``)."""
 SECOND_PASS_MARGIN = 0.9
 """A second-pass candidate must beat the first pass's rank 1 by this factor on the ranking value (priced Rwp, fit
 or both) to rank among the first pass's candidates (:func:`ranked_refined`)."""
-"""Cells of up to this many atoms are always among the trials of Z."""
 
 SCAN_CHILD = 1000
 """Index offset of the candidates that a coordinate scan adds beside the one it searched: k x 1000 + its index
@@ -748,6 +753,14 @@ def solve(
         _scored(record, settings, price)
         write_cif(structure, path.with_suffix(".cif"))
 
+    def best_score_per_z() -> dict[int, float]:
+        """The best screening score among the fitted candidates of each Z."""
+        best: dict[int, float] = {}
+        for r in records:
+            if "screen_score" in r:
+                best[r["z"]] = min(best.get(r["z"], np.inf), r["screen_score"])
+        return best
+
     def screen(plan: list[tuple[CellTrial, int]], stage: int, source: Generator = generate,
                part: int | None = None) -> None:
         """Draw candidates of ``plan`` from ``source`` and fit them; every one is stored as it is screened
@@ -780,23 +793,7 @@ def solve(
     else:
         round1, round2 = explore_then_exploit(trials, settings.samples)
         screen(round1, 0)
-        best_residual = {}
-        for r in records:
-            if "screen_residual" in r:
-                best_residual[r["z"]] = min(best_residual.get(r["z"], np.inf), r["screen_score"])
-        screen(round2(best_residual), 1)
-
-    def second_pass_plan() -> list[tuple[CellTrial, int]]:
-        """The second pass's draws: 2:1 over the two Z trials whose candidates fit best."""
-        best_score: dict[int, float] = {}
-        for r in records:
-            if "screen_score" in r:
-                best_score[r["z"]] = min(best_score.get(r["z"], np.inf), r["screen_score"])
-        ranked = sorted((t for t in trials if t.z in best_score), key=lambda t: best_score[t.z]) or trials[:1]
-        n = settings.second_pass_samples
-        if len(ranked) == 1 or n < 3:
-            return [(ranked[0], n)]
-        return [(ranked[0], n - n // 3), (ranked[1], n // 3)]
+        screen(round2(best_score_per_z()), 1)
     stages, mark = {}, start
 
     def lap(stage: str) -> None:
@@ -895,7 +892,7 @@ def solve(
         of ``part``); each step skips what is already done, so a resumed run repeats nothing."""
 
         def pool() -> list[dict]:
-            return [r for r in by_screen() if r.get("part") == part or part is None]
+            return [r for r in by_screen() if part is None or r.get("part") == part]
 
         if fit == "full" and settings.restarts > 0 and settings.restart_top > 0:
             restart(distinct(pool(), settings.restart_top))
@@ -937,11 +934,8 @@ def solve(
             path.write_text(json.dumps(record))
         lap("refinement" + suffix)
 
-    def ranked_records(first_pass_best: dict | None = None) -> list[dict]:
-        return ranked_refined(records, basis, first_pass_best)
-
     search_and_refine()
-    first_pass = ranked_records()
+    first_pass = ranked_refined(records, basis)
     first_r = first_pass[0].get("r_bragg") if first_pass else None
     threshold = settings.second_pass_r_bragg
     second = {"r_bragg_threshold": threshold, "rank1_r_bragg_first_pass": first_r,
@@ -954,13 +948,14 @@ def solve(
         say((f"rank 1 is a poor structure model (R_Bragg {first_r:.1%} > {threshold:.0%})" if first_r is not None
              else "no candidate refined") + f": drawing {settings.second_pass_samples} more candidates from the "
             "second-pass generator")
-        screen(second_pass_plan(), 2, second_pass, part=SECOND_PASS)
+        plan = best_two(trials, best_score_per_z(), settings.second_pass_samples)
+        screen(plan or [(trials[0], settings.second_pass_samples)], 2, second_pass, part=SECOND_PASS)
         lap("second-pass screen")
         search_and_refine(SECOND_PASS, " (second pass)")
         second["samples"] = settings.second_pass_samples
     # the screened list: by fit, a second pass's candidates after the first pass's (those it adds to the ranked
     # list are the ones that beat it; the rest must not push the library's near misses down the list)
-    ranked = ranked_records(first_pass[0] if first_pass else None)
+    ranked = ranked_refined(records, basis, first_pass[0] if first_pass else None)
     screened = sorted(by_screen(), key=lambda r: r.get("part") == SECOND_PASS)
     candidates = []
     for rank, record in enumerate(ranked, start=1):
